@@ -1,0 +1,388 @@
+"""Typed training recipes: dataclasses, YAML files, ``key.sub=value`` overrides and validation.
+
+This module is the ground floor: it imports nothing heavy (no torch, no DeepSpeed), so a misspelled key is
+reported in well under a second, before any process group or model exists.
+
+A recipe is a YAML mapping with the sections below; every field is optional and documented on its dataclass.
+Unknown keys are errors that name the nearest valid key (a typo must never silently switch a feature off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+#: Root of the source tree (where ``deepspeed_configs/`` and ``launch/recipes/`` live).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATA = "builtin:tiny-instruct"
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(UserError):
+    """A recipe, override or DeepSpeed JSON is invalid."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(choices)}; got '{value}'")
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    name_or_path: str = BUILTIN_MODEL
+    """Local Hugging Face model directory (Llama 2/3, Mistral, Qwen2 layouts). ``builtin:tiny-llama`` builds a
+    tiny Llama and tokenizer offline, once, into the cache (``LORAPLUS_CACHE`` or ``~/.cache/loraplus``)."""
+    attn_implementation: str = "sdpa"
+    """``sdpa``, ``eager`` or ``flash_attention_2`` (the last needs the flash-attn package and a GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the model directory. Off unless you trust the directory."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", "must name a local model directory")
+        _check_choice(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    """The training data."""
+
+    path: str = BUILTIN_DATA
+    """A ``.jsonl``, ``.json`` or ``.parquet`` file, or a directory written by ``datasets.save_to_disk``.
+    ``builtin:tiny-instruct`` is the small instruction set bundled with the project."""
+    format: str = "instruction"
+    """``text`` (field ``text``; loss on every token), ``instruction`` (``instruction``, optional ``input``,
+    ``output``; loss on the output only) or ``chat`` (``messages`` with ``role``/``content``, rendered by the
+    tokenizer's chat template; loss on assistant turns only)."""
+    split: str = "train"
+    """Split to read when ``path`` is a saved ``DatasetDict``."""
+    packing: bool = False
+    """Concatenate samples (separated by EOS) into full ``train.seq_len`` rows. Faster on short samples;
+    samples in one row attend to earlier ones in that row."""
+    too_long: str = "truncate"
+    """What to do with a sample longer than ``train.seq_len``: ``truncate`` (counted and reported) or
+    ``refuse`` (stop with an error naming the sample)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path", "must name a data file or directory")
+        _check_choice(self.format, "data.format", ("text", "instruction", "chat"))
+        _check_choice(self.too_long, "data.too_long", ("truncate", "refuse"))
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (injected by PEFT)."""
+
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is ``(alpha / r) * B @ A``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    """Module names to adapt; the default is every attention and MLP projection of a Llama block."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", f"must be >= 1; got {self.r}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0; got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1); got {self.dropout}")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must list at least one module name")
+
+
+@dataclass
+class OptimConfig:
+    """The LoRA+ optimizer."""
+
+    lr: float = 2e-4
+    """Learning rate of the LoRA A matrices (and of any other trainable non-LoRA parameter)."""
+    loraplus_ratio: float = 16.0
+    """lambda = lr_B / lr_A. 1 gives plain LoRA."""
+    loraplus_lr_embedding: float = 1e-6
+    """Learning rate of LoRA adapters on embedding layers (both A and B), as in the LoRA+ reference code."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices; biases and norms never decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
+    optimizer: str = "auto"
+    """``auto`` (DeepSpeedCPUAdam when the DeepSpeed JSON offloads the optimizer, fused torch AdamW on GPU,
+    torch AdamW on CPU), ``adamw``, ``adamw_fused`` or ``cpu_adam``."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
+        _check(self.loraplus_ratio > 0, "optim.loraplus_ratio", f"must be > 0; got {self.loraplus_ratio}")
+        _check(self.loraplus_lr_embedding >= 0, "optim.loraplus_lr_embedding", "must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two numbers in [0, 1); got {self.betas}")
+        _check(self.eps > 0, "optim.eps", "must be > 0")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check_choice(self.optimizer, "optim.optimizer", ("auto", "adamw", "adamw_fused", "cpu_adam"))
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule: a multiplier applied to every group's own base lr."""
+
+    name: str = "cosine"
+    """``constant``, ``linear`` or ``cosine`` (after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup from ``1/warmup_steps`` of each group's lr to its full lr."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of each group's base lr (linear and cosine)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, "schedule.name", ("constant", "linear", "cosine"))
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch shape and checkpoint cadence."""
+
+    max_steps: int = 60
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward pass (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * world size."""
+    seq_len: int = 256
+    """Longest sample, in tokens (see ``data.too_long``)."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
+            value = getattr(self, key)
+            _check(value >= 1, f"train.{key}", f"must be >= 1; got {value}")
+        _check(self.save_every >= 0, "train.save_every", f"must be >= 0; got {self.save_every}")
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    output_dir: str = "runs/tiny-default"
+    """Where ``config.yaml``, ``metrics.jsonl`` and ``checkpoints/`` go."""
+    seed: int = 42
+    """Model and LoRA initialisation use this seed on every rank; data order uses (seed, epoch)."""
+    deepspeed_config: str = "deepspeed_configs/zero2.json"
+    """DeepSpeed JSON (ZeRO, offload and precision only). Relative paths are tried from the working directory,
+    then from the project root. ``--deepspeed_config`` on the command line overrides it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output_dir), "output_dir", "must not be empty")
+        _check(bool(self.deepspeed_config), "deepspeed_config", "must name a DeepSpeed JSON file")
+        _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
+               f"({self.schedule.warmup_steps}) must not exceed train.max_steps ({self.train.max_steps})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a Config from nested mappings, with typed coercion and helpful errors
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass, e.g. ``optim.loraplus_ratio``."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    valid = all_keys() + [f.name for f in dataclasses.fields(Config)]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part only: compare leaf names
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+        hit = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[hit[0]]] if hit else []
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(all_keys())}"
+    return ConfigError(f"unknown config key '{key}' ({where}){hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Coerce a YAML value to a field's declared type, or raise a ConfigError that names the key."""
+    origin = typing.get_origin(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' ({where}) must be {expected}; got {value!r}")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # "q_proj,v_proj" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return [_coerce(v, item_tp, key, where) for v in value]
+    raise TypeError(f"unsupported field type {tp} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, where: dict[str, str]) -> Any:
+    types = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise _unknown_key(key, where.get(key, "recipe"))
+        tp = types[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' ({where.get(key, 'recipe')}) must be a mapping of "
+                                  f"{', '.join(types_ for types_ in _field_types(tp))}; got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.", where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where.get(key, "recipe"))
+    for name, tp in types.items():  # sections absent from the recipe still get validated defaults
+        if dataclasses.is_dataclass(tp) and name not in kwargs:
+            kwargs[name] = tp()
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}' (command line): '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` into the key and a YAML-typed value (``3`` -> int, ``[a, b]`` -> list)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"cannot read command-line argument '{text}': overrides are written key.sub=value "
+                          f"(e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a nested dict; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def make_config(recipe: str | os.PathLike | None = None, overrides: list[str] = (),
+                deepspeed_config: str | None = None) -> Config:
+    """Resolve a Config: built-in defaults < recipe YAML < ``key=value`` overrides < ``--deepspeed_config``.
+
+    Raises:
+        ConfigError: unknown key (with the nearest valid one), wrong type, invalid value, unreadable recipe.
+    """
+    tree: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if recipe is not None:
+        tree = load_recipe(recipe)
+        where.update({k: str(recipe) for k in _flat_keys(tree)})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        where[key] = "command line"
+    if deepspeed_config is not None:
+        tree["deepspeed_config"] = deepspeed_config
+        where["deepspeed_config"] = "--deepspeed_config"
+    return _build(Config, tree, "", where)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; ``make_config(path)`` reads it back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_file(path: str, what: str, key: str) -> Path:
+    """Find a relative path from the working directory, then from the project root."""
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, PROJECT_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    tried = " or ".join(str(c) for c in candidates)
+    raise ConfigError(f"{what} not found: '{path}' (config key '{key}'; looked for {tried})")

@@ -1,0 +1,273 @@
+"""Everything that touches DeepSpeed or torch.distributed lives here, and nowhere else.
+
+- process-group set-up (``deepspeed`` launcher, SLURM-less single process, CPU/gloo or GPU/nccl);
+- reading and validating the DeepSpeed JSON, and filling batch sizes / clipping / precision from the recipe;
+- the ZeRO-3 load hook, the optimizer choice, ``deepspeed.initialize``;
+- the few collectives the training loop needs.
+
+Light functions (env and JSON handling) import nothing heavy, so bad input is reported before torch or DeepSpeed
+are imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError
+
+# Keys the recipe owns. A DeepSpeed JSON setting them would be a second source of truth.
+RECIPE_OWNED = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.max_grad_norm",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment (no heavy imports)
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment (0 for a plain ``python`` run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def set_single_process_defaults() -> None:
+    """Let ``python launch/train.py`` run as a world of one: DeepSpeed would otherwise try MPI discovery."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:  # a free port for the (single-member) process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The DeepSpeed JSON
+
+
+def read_ds_json(path: Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON and refuse what would break LoRA+ or duplicate the recipe.
+
+    Raises:
+        ConfigError: malformed JSON; an ``optimizer`` or ``scheduler`` block; batch/clipping keys; ``"auto"``.
+    """
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    if "optimizer" in ds:
+        raise ConfigError(f"{path}: has an 'optimizer' block, which would replace the LoRA+ optimizer and its "
+                          f"per-group learning rates; remove it and set optim.* in the recipe instead")
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: has a 'scheduler' block; DeepSpeed's WarmupLR/WarmupDecayLR write one lr into "
+                          f"every group and flatten lr_B/lr_A; remove it and set schedule.* in the recipe instead")
+    for key, owner in RECIPE_OWNED.items():
+        if key in ds:
+            raise ConfigError(f"{path}: sets '{key}', which the recipe owns ({owner}); remove it from the JSON")
+
+    def find_auto(node: Any, trail: str) -> None:
+        if node == "auto":
+            raise ConfigError(f"{path}: '{trail}' is \"auto\", which only the HF Trainer resolves; give a value")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                find_auto(v, f"{trail}.{k}" if trail else k)
+
+    find_auto(ds, "")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") in ("cpu", "nvme")
+
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names; torch is imported lazily
+
+
+def precision(ds: dict, on_gpu: bool) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what the JSON asks for on GPU; always ``fp32`` on CPU."""
+    if not on_gpu:
+        return "fp32"
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def assemble_ds_config(ds: dict, cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The config handed to ``deepspeed.initialize``: the JSON's ZeRO/offload/precision choices plus the
+    recipe's batch shape and clipping. The only place these two sources meet."""
+    out = json.loads(json.dumps(ds))  # deep copy
+    out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    out["gradient_accumulation_steps"] = cfg.train.grad_accum
+    out["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    out["gradient_clipping"] = cfg.optim.max_grad_norm
+    out.setdefault("steps_per_print", 10 ** 9)  # our own metrics replace DeepSpeed's periodic prints
+    if not on_gpu:  # CPU runs train in fp32 (see README); a bf16 JSON still works there
+        out.pop("bf16", None)
+        out.pop("fp16", None)
+    if offloads_optimizer(out):
+        out.setdefault("zero_force_ds_cpu_optimizer", True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: Any  # torch.device
+    on_gpu: bool
+
+
+def init() -> DistInfo:
+    """Pick the accelerator, start the process group and return this rank's coordinates."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, on_gpu)
+
+
+def zero3_load_hook(ds_config: dict):
+    """Under ZeRO-3, an object that makes ``from_pretrained`` load inside ``deepspeed.zero.Init`` (partitioned
+    at load). Transformers holds it by weak reference: keep the returned object alive for the whole run."""
+    if zero_stage(ds_config) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def local_numel(params) -> int:
+    """Elements this rank actually holds (a ZeRO-3 partition, or the whole tensor)."""
+    return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in params)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over all ranks, in place, and return it. Gloo on CPU, NCCL on GPU."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer and engine
+
+
+def build_optimizer(groups: list[dict], kind: str, betas: tuple[float, float], eps: float):
+    """The client optimizer over the LoRA+ groups. Group dicts (with their ``name``) are kept as given."""
+    import torch
+
+    betas = (float(betas[0]), float(betas[1]))
+    if kind == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
+
+
+def initialize(model, optimizer, lr_lambda, ds_config: dict):
+    """``deepspeed.initialize`` with our optimizer and a ratio-preserving ``LambdaLR``.
+
+    The scheduler is passed as a callable, so DeepSpeed builds it on the optimizer it actually kept: no stale
+    per-group base lrs if DeepSpeed ever rearranged the groups (FACTS.md; DeepSpeedExamples PR 756).
+    """
+    import deepspeed
+    import torch
+
+    before = [(g["name"], g["lr"]) for g in optimizer.param_groups]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    after = [(g.get("name"), g.get("initial_lr")) for g in optimizer_param_groups(engine)]
+    # DeepSpeed must not have dropped, merged or re-ordered a group, nor changed a base lr.
+    assert after == before, f"DeepSpeed changed the LoRA+ param groups: {before} -> {after}"
+    return engine, scheduler
+
+
+def optimizer_param_groups(engine) -> list[dict]:
+    """The param groups of the optimizer that actually steps (inside DeepSpeed's ZeRO wrapper, if any)."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)  # ZeRO 1/2/3 and other wrappers keep the client optimizer here
+    return inner.param_groups if inner is not None and hasattr(inner, "param_groups") else opt.param_groups
+
+
+def current_lrs(engine) -> dict[str, float]:
+    """Group name -> lr as it sits in the stepping optimizer now (the lr of the next update)."""
+    return {g["name"]: float(g["lr"]) for g in optimizer_param_groups(engine)}
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+@contextlib.contextmanager
+def gathered(params, enabled: bool):
+    """Under ZeRO-3, make ``params`` whole on every rank for the duration (read-only)."""
+    if not enabled:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+def save_engine_state(engine, directory: Path, tag: str, client_state: dict) -> None:
+    """DeepSpeed's own checkpoint of optimizer/scheduler/trainable weights (frozen base weights excluded).
+    Collective: every rank must call it."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)

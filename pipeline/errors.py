@@ -1,0 +1,31 @@
+"""The one exception type that means "the user's input is wrong"."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config key, a file, a CLI argument.
+
+    Entry points print ``error: <message>`` on one line, without a traceback, and exit with status 2.
+    The message names what is wrong and where, and where possible how to fix it.
+    """
+
+
+def exit_on_user_error(main):
+    """Decorate an entry point: a :class:`UserError` becomes one ``error: ...`` line on stderr and exit 2.
+
+    Under a multi-rank launcher every rank raises the same error (inputs are validated on all ranks), so only
+    rank 0 prints it. Anything else is a bug and keeps its traceback.
+    """
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

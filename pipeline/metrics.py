@@ -1,0 +1,88 @@
+"""Rank-0 output: console lines, the metrics JSONL file, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Reporter:
+    """Everything a run tells the user, written by rank 0 only (other ranks get a silent instance).
+
+    Args:
+        rank: global rank; only rank 0 writes.
+        metrics_path: ``output_dir/metrics.jsonl`` (opened for append, flushed every step).
+        total_steps: for the progress bar.
+    """
+
+    def __init__(self, rank: int, metrics_path: Path | None, total_steps: int):
+        self.active = rank == 0
+        self.total = total_steps
+        self._file = open(metrics_path, "a", encoding="utf-8") if self.active and metrics_path else None
+        self._bar = None
+        self._every = max(1, total_steps // 20)
+        if self.active and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def print(self, msg: str) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def step(self, row: dict[str, Any]) -> None:
+        """Record one optimizer step: a JSONL row, and a bar update (or a log line every ~5% off a TTY)."""
+        if not self.active:
+            return
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        lrs = row["lr_groups"]
+        summary = (f"loss {row['loss']:.4f}  lr_A {lrs.get('lora_A', float('nan')):.2e}  "
+                   f"lr_B {lrs.get('lora_B', float('nan')):.2e}  {row['tokens_per_s']:,.0f} tok/s")
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(summary, refresh=False)
+        elif row["step"] % self._every == 0 or row["step"] == self.total:
+            print(f"step {row['step']:>6}/{self.total}  {summary}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file:
+            self._file.close()
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def describe_model(model, groups, info, ds_config: dict, precision: str, optimizer: str, local_numel) -> list[str]:
+    """The start-of-run summary: topology, parameter counts (total, trainable, held by this rank), LoRA+ groups."""
+    from pipeline.loraplus import describe, numel
+
+    params = list(model.parameters())
+    total = sum(numel(p) for p in params)
+    trainable = sum(numel(p) for p in params if p.requires_grad)
+    frozen = [p for p in params if not p.requires_grad]
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    lines = [
+        f"world size {info.world_size} on {'GPU' if info.on_gpu else 'CPU'}; ZeRO-{stage}, optimizer offload "
+        f"{offload}, {precision}, optimizer {optimizer}",
+        f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.3f}%); "
+        f"frozen base weights held on rank 0: {local_numel(frozen):,} of {sum(numel(p) for p in frozen):,}",
+        "LoRA+ param groups:",
+    ]
+    return lines + ["  " + line for line in describe(groups)]

@@ -1,0 +1,76 @@
+"""Loading a local Hugging Face causal LM.
+
+No DeepSpeed here. Under ZeRO-3 the caller keeps DeepSpeed's Hugging Face hook alive while this runs
+(``distributed.zero3_load_hook``), and ``from_pretrained`` then builds the model inside ``deepspeed.zero.Init``:
+each rank materialises only its partition of the frozen base weights, never a full copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+# Architectures whose projection names match the default LoRA targets. Others load, with a warning.
+KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_model_dir(path: str) -> dict:
+    """Validate a model directory without loading it; return its ``config.json``.
+
+    Raises:
+        UserError: not a directory, no ``config.json``, or no safetensors weights.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"model directory not found: {p} (config key 'model.name_or_path'; models are loaded "
+                        f"from local directories only, nothing is downloaded)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{p} is not a Hugging Face model directory: no config.json (config key "
+                        f"'model.name_or_path')")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not any(p.glob("*.safetensors")):
+        raise UserError(f"{p} has no *.safetensors weights; this pipeline does not unpickle .bin/.pt weights. "
+                        f"Convert them once (load and save_pretrained(safe_serialization=True)) in a trusted "
+                        f"environment")
+    return config
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer defines no EOS token; samples could never end")
+    return tok
+
+
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
+               gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory, base weights frozen.
+
+    Args:
+        path: local model directory (validated by :func:`check_model_dir`).
+        dtype: parameter dtype (bf16 on GPU, fp32 on CPU; chosen by the caller from the DeepSpeed JSON).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        use_safetensors=True, local_files_only=True)
+    model.requires_grad_(False)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack needed).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
