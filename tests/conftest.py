@@ -1,0 +1,58 @@
+"""Shared fixtures. Launcher tests run the real ``deepspeed`` CLI on CPU (gloo), as a cluster would."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+
+
+def pytest_configure(config):
+    # One cache for the whole session (and the launcher subprocesses, which inherit the environment), so the
+    # tiny model is built once and never read from a developer's own ~/.cache.
+    if "LORAPLUS_CACHE" not in os.environ:
+        os.environ["LORAPLUS_CACHE"] = str(Path(config.rootpath) / ".pytest_cache" / "loraplus")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from pipeline.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py: through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python."""
+    if nprocs:
+        port = port or random.randint(20000, 40000)
+        cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, str(TRAIN), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
