@@ -19,6 +19,7 @@ from pipeline import tiny  # noqa: E402
 from pipeline.checkpoint import check_output_dir  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
+from pipeline.metrics import quiet_library_warnings  # noqa: E402
 
 
 def parse_args(argv):
@@ -28,7 +29,7 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in output_dir and start again")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
 @exit_on_user_error
@@ -48,6 +49,8 @@ def main(argv=None) -> None:
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
 
     # 2. Distributed set-up and data (data errors are found on every rank alike, before output_dir is touched).
+    dist.select_accelerator()
+    quiet_library_warnings()
     import torch
 
     from pipeline import checkpoint, loraplus, schedule

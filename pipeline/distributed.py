@@ -142,13 +142,22 @@ class DistInfo:
     on_gpu: bool
 
 
-def init() -> DistInfo:
-    """Pick the accelerator, start the process group and return this rank's coordinates."""
+def select_accelerator() -> bool:
+    """Choose CUDA when present, else DeepSpeed's CPU accelerator (gloo). Call before anything imports
+    DeepSpeed (transformers does, lazily), so DeepSpeed never has to guess. Returns True on GPU."""
     import torch
 
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return on_gpu
+
+
+def init() -> DistInfo:
+    """Pick the accelerator, start the process group and return this rank's coordinates."""
+    import torch
+
+    on_gpu = select_accelerator()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any
 
 
+def quiet_library_warnings() -> None:
+    """Silence deprecation notices that libraries raise about their own internals (nothing a user can act on):
+    transformers' ``is_gradient_checkpointing`` (called by PEFT) and torch's ``all_gather_into_tensor``
+    (called by DeepSpeed ZeRO)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+
+
 class Reporter:
     """Everything a run tells the user, written by rank 0 only (other ranks get a silent instance).
 

@@ -1,0 +1,308 @@
+"""Recipes, overrides, validation, and the DeepSpeed JSON helpers (no torch, no DeepSpeed engine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import distributed
+from pipeline.config import (PROJECT_ROOT, Config, ConfigError, LoraConfig, OptimConfig, TrainConfig, all_keys,
+                             make_config, parse_override, resolve_file, save_config)
+
+DS_DIR = PROJECT_ROOT / "deepspeed_configs"
+RECIPES = sorted((PROJECT_ROOT / "launch" / "recipes").glob("*.yaml"))
+REQUIRED_DS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def raises_config_error(fn, *needles: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn()
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in error message: {msg}"
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults and precedence
+
+
+def test_defaults_validate():
+    cfg = make_config()
+    assert cfg == Config()
+    assert cfg.optim.loraplus_ratio == 16.0
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # every leaf key is reachable as an override and is listed by all_keys
+    assert "optim.loraplus_ratio" in all_keys() and "train.max_steps" in all_keys()
+
+
+def test_recipe_then_overrides_then_deepspeed_arg(tmp_path):
+    recipe = write(tmp_path / "r.yaml",
+                   "deepspeed_config: deepspeed_configs/zero1.json\n"
+                   "optim:\n  lr: 1e-3\n  loraplus_ratio: 8\n"
+                   "train:\n  max_steps: 10\n  seq_len: 64\n")
+    # recipe alone
+    cfg = make_config(recipe)
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.optim.loraplus_ratio == 8.0 and isinstance(cfg.optim.loraplus_ratio, float)
+    assert cfg.train.max_steps == 10 and cfg.train.seq_len == 64
+    assert cfg.deepspeed_config == "deepspeed_configs/zero1.json"
+    assert cfg.train.micro_batch_size == TrainConfig().micro_batch_size  # untouched keys keep their default
+
+    # overrides beat the recipe, key by key
+    cfg = make_config(recipe, ["train.max_steps=20", "deepspeed_config=deepspeed_configs/zero3.json"])
+    assert cfg.train.max_steps == 20
+    assert cfg.train.seq_len == 64  # sibling key from the recipe survives
+    assert cfg.optim.lr == 1e-3
+    assert cfg.deepspeed_config == "deepspeed_configs/zero3.json"
+
+    # --deepspeed_config beats both
+    cfg = make_config(recipe, ["deepspeed_config=deepspeed_configs/zero3.json"],
+                      deepspeed_config="deepspeed_configs/zero0.json")
+    assert cfg.deepspeed_config == "deepspeed_configs/zero0.json"
+
+    # a later override of the same key wins
+    assert make_config(recipe, ["train.max_steps=5", "train.max_steps=7"]).train.max_steps == 7
+
+
+def test_override_without_recipe():
+    cfg = make_config(overrides=["optim.lr=3e-5", "lora.r=8", "data.packing=true", "seed=1"])
+    assert cfg.optim.lr == 3e-5 and cfg.lora.r == 8 and cfg.data.packing is True and cfg.seed == 1
+
+
+def test_malformed_override_text():
+    raises_config_error(lambda: parse_override("train.max_steps"), "train.max_steps", "key.sub=value")
+    raises_config_error(lambda: make_config(overrides=["=3"]), "=3")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Unknown keys
+
+
+def test_unknown_override_key_names_key_source_and_suggestion():
+    raises_config_error(lambda: make_config(overrides=["optim.lr_ratio=4"]),
+                        "'optim.lr_ratio'", "command line", "did you mean 'optim.loraplus_ratio'")
+
+
+def test_unknown_key_in_recipe_names_file(tmp_path):
+    recipe = write(tmp_path / "typo.yaml", "optim:\n  lr: 1e-4\n  lr_ratio: 4\n")
+    raises_config_error(lambda: make_config(recipe),
+                        "'optim.lr_ratio'", str(recipe), "did you mean 'optim.loraplus_ratio'")
+    recipe = write(tmp_path / "typo2.yaml", "train:\n  max_step: 5\n")
+    raises_config_error(lambda: make_config(recipe), "'train.max_step'", str(recipe),
+                        "did you mean 'train.max_steps'")
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: an unknown *section* is reported as '(recipe)' whatever its "
+                                       "source (config.py _build uses where.get(key, 'recipe') but `where` only "
+                                       "holds leaf keys)")
+def test_unknown_section_names_its_source(tmp_path):
+    raises_config_error(lambda: make_config(overrides=["optimm.lr=4"]), "'optimm'", "command line", "'optim'")
+    recipe = write(tmp_path / "typo.yaml", "optimm:\n  lr: 1e-4\n")
+    raises_config_error(lambda: make_config(recipe), "'optimm'", str(recipe))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Types and values
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.max_steps=abc", "train.max_steps", "an integer"),
+    ("model.gradient_checkpointing=3", "model.gradient_checkpointing", "true or false"),
+    ("optim.lr=fast", "optim.lr", "a number"),
+    ("lora.target_modules=3", "lora.target_modules", "a list"),
+    ("train=3", "train", "a mapping"),
+])
+def test_wrong_type_names_key(override, key, expected):
+    raises_config_error(lambda: make_config(overrides=[override]), f"'{key}'", "command line", expected)
+
+
+def test_wrong_type_in_recipe_names_file(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "model:\n  gradient_checkpointing: 3\n")
+    raises_config_error(lambda: make_config(recipe), "'model.gradient_checkpointing'", str(recipe))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.name=step", "schedule.name"),
+    ("lora.r=0", "lora.r"),
+    ("optim.optimizer=sgd", "optim.optimizer"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas"),
+    ("data.format=csv", "data.format"),
+    ("data.too_long=ignore", "data.too_long"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("schedule.warmup_steps=1000", "schedule.warmup_steps"),  # > train.max_steps (60)
+])
+def test_invalid_values_raise(override, key):
+    raises_config_error(lambda: make_config(overrides=[override]), f"'{key}'")
+
+
+def test_integral_float_accepted_for_int_but_bool_is_not_an_int():
+    assert make_config(overrides=["train.max_steps=100.0"]).train.max_steps == 100
+    raises_config_error(lambda: make_config(overrides=["train.max_steps=true"]), "'train.max_steps'")
+    raises_config_error(lambda: make_config(overrides=["train.max_steps=2.5"]), "'train.max_steps'")
+
+
+@pytest.mark.parametrize("text", ["lora.target_modules=q_proj,v_proj", "lora.target_modules=[q_proj, v_proj]",
+                                  "lora.target_modules= q_proj , v_proj "])
+def test_target_modules_list_forms(text):
+    assert make_config(overrides=[text]).lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_empty_target_modules_rejected():
+    raises_config_error(lambda: make_config(overrides=["lora.target_modules=[]"]), "'lora.target_modules'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Round trip and YAML errors
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = make_config(overrides=[
+        "optim.lr=3e-5", "optim.eps=1e-10", "optim.loraplus_lr_embedding=1e-7", "optim.betas=[0.8, 0.95]",
+        "lora.alpha=8", "lora.target_modules=q_proj,v_proj", "schedule.name=linear", "schedule.min_lr_ratio=0.1",
+        "schedule.warmup_steps=3", "train.max_steps=7", "data.packing=true", "output_dir=runs/x y",
+        "model.name_or_path=123", "deepspeed_config=deepspeed_configs/zero3.json"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    back = make_config(path)
+    assert back == cfg
+    assert back != Config()  # the round trip carried real, non-default values
+    assert back.model.name_or_path == "123" and isinstance(back.lora.alpha, float)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", "optim:\n  lr: 1e-4\n bad: 1\n")
+    raises_config_error(lambda: make_config(recipe), f"{recipe}:3", "not valid YAML")
+    recipe = write(tmp_path / "bad2.yaml", "train:\n  max_steps: 5\noptim:\n  betas: [0.9, 0.99\nseed: 1\n")
+    msg = raises_config_error(lambda: make_config(recipe), f"{recipe}:")
+    line = int(msg.split(f"{recipe}:", 1)[1].split(":", 1)[0])
+    assert line in (4, 5)
+
+
+def test_recipe_must_be_a_mapping_and_exist(tmp_path):
+    raises_config_error(lambda: make_config(write(tmp_path / "list.yaml", "- 1\n- 2\n")), "mapping")
+    raises_config_error(lambda: make_config(tmp_path / "missing.yaml"), "not found", "missing.yaml")
+    assert make_config(write(tmp_path / "empty.yaml", "")) == Config()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shipped recipes and DeepSpeed JSONs
+
+
+@pytest.mark.parametrize("recipe", [None, *RECIPES], ids=lambda r: "embedded-default" if r is None else r.name)
+def test_shipped_recipe_loads_and_its_deepspeed_json_is_valid(recipe):
+    cfg = make_config(recipe)
+    assert isinstance(cfg, Config)
+    path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
+    assert path.is_file()
+    ds = distributed.read_ds_json(path)
+    assert distributed.zero_stage(ds) in (0, 1, 2, 3)
+
+
+def test_required_deepspeed_jsons_exist():
+    for name in REQUIRED_DS:
+        assert (DS_DIR / f"{name}.json").is_file(), name
+
+
+@pytest.mark.parametrize("path", sorted(DS_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_json_passes(path):
+    ds = distributed.read_ds_json(path)
+    assert isinstance(ds, dict)
+
+
+@pytest.mark.parametrize("name, stage, offload", [
+    ("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
+def test_deepspeed_json_stage_and_offload(name, stage, offload):
+    ds = distributed.read_ds_json(DS_DIR / f"{name}.json")
+    assert distributed.zero_stage(ds) == stage
+    assert distributed.offloads_optimizer(ds) is offload
+
+
+def _ds(tmp_path, obj) -> Path:
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(obj, indent=2))
+    return p
+
+
+BASE_DS = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize("extra, needles", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, ("'optimizer'", "LoRA+", "optim.")),
+    ({"scheduler": {"type": "WarmupLR"}}, ("'scheduler'", "flatten", "schedule.")),
+    ({"train_batch_size": 32}, ("'train_batch_size'", "recipe owns")),
+    ({"train_micro_batch_size_per_gpu": 4}, ("'train_micro_batch_size_per_gpu'", "train.micro_batch_size")),
+    ({"gradient_accumulation_steps": 2}, ("'gradient_accumulation_steps'", "train.grad_accum")),
+    ({"gradient_clipping": 1.0}, ("'gradient_clipping'", "optim.max_grad_norm")),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}},
+     ("zero_optimization.stage3_prefetch_bucket_size", "auto")),
+    ({"fp16": "auto"}, ("'fp16'", "auto")),
+    ({"zero_optimization": {"stage": 4}}, ("stage",)),
+])
+def test_read_ds_json_refuses(tmp_path, extra, needles):
+    path = _ds(tmp_path, {**BASE_DS, **extra})
+    raises_config_error(lambda: distributed.read_ds_json(path), str(path), *needles)
+
+
+def test_read_ds_json_malformed_names_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": ,\n  "x": 1\n}\n')
+    raises_config_error(lambda: distributed.read_ds_json(path), f"{path}:3", "malformed JSON")
+    path.write_text("[1, 2]")
+    raises_config_error(lambda: distributed.read_ds_json(path), "JSON object")
+
+
+def test_assemble_ds_config_fills_recipe_keys():
+    cfg = make_config(overrides=["train.micro_batch_size=3", "train.grad_accum=5", "optim.max_grad_norm=0.5"])
+    ds = distributed.read_ds_json(DS_DIR / "zero2.json")
+    snapshot = json.dumps(ds, sort_keys=True)
+    out = distributed.assemble_ds_config(ds, cfg, world_size=4, on_gpu=False)
+    assert out["train_micro_batch_size_per_gpu"] == 3
+    assert out["gradient_accumulation_steps"] == 5
+    assert out["train_batch_size"] == 3 * 5 * 4
+    assert out["gradient_clipping"] == 0.5
+    assert out["zero_optimization"] == ds["zero_optimization"]
+    assert "bf16" not in out and "fp16" not in out  # CPU trains in fp32
+    assert json.dumps(ds, sort_keys=True) == snapshot  # the input is not modified
+
+    gpu = distributed.assemble_ds_config(ds, cfg, world_size=2, on_gpu=True)
+    assert gpu["bf16"] == {"enabled": True}
+    assert gpu["train_batch_size"] == 3 * 5 * 2
+
+    fp16 = distributed.assemble_ds_config({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True}}, cfg, 1, True)
+    assert fp16["fp16"] == {"enabled": True}
+    assert "fp16" not in distributed.assemble_ds_config({"fp16": {"enabled": True}}, cfg, 1, False)
+
+
+def test_assemble_ds_config_offload_forces_ds_cpu_optimizer():
+    cfg = make_config()
+    off = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3_offload.json"), cfg, 1, True)
+    assert off["zero_force_ds_cpu_optimizer"] is True
+    plain = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3.json"), cfg, 1, True)
+    assert "zero_force_ds_cpu_optimizer" not in plain
+
+
+def test_precision():
+    bf16 = distributed.read_ds_json(DS_DIR / "zero2.json")
+    assert distributed.precision(bf16, on_gpu=False) == "fp32"
+    assert distributed.precision(bf16, on_gpu=True) == "bf16"
+    zero0 = distributed.read_ds_json(DS_DIR / "zero0.json")
+    assert distributed.precision(zero0, on_gpu=True) == "fp32"
+    assert distributed.precision({"fp16": {"enabled": True}}, on_gpu=True) == "fp16"
+    assert distributed.precision({"fp16": {"enabled": True}}, on_gpu=False) == "fp32"
+    assert distributed.precision({"bf16": {"enabled": False}}, on_gpu=True) == "fp32"
+
+
+def test_dataclass_validation_direct():
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        LoraConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match="optim.max_grad_norm"):
+        OptimConfig(max_grad_norm=-1)
