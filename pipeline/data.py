@@ -13,6 +13,7 @@ step alone (which makes resuming exact).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,11 @@ def _field(record: dict, key: str, where: str, fmt: str, optional: bool = False)
     value = record.get(key)
     if value is None and optional:
         return ""
-    if not isinstance(value, str):
+    if key not in record:
         have = ", ".join(sorted(record)) or "no fields"
-        raise DataError(f"{where}: data.format={fmt} needs a string field '{key}' (this sample has {have})")
+        raise DataError(f"{where}: data.format={fmt} needs a field '{key}' (this sample has {have})")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -294,7 +297,7 @@ def load_samples(cfg, tokenizer, seq_len: int, show_progress: bool = False) -> t
         The samples (rows, when packing) and a one-line report for the log.
     """
     progress = None
-    if show_progress:
+    if show_progress and sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = lambda it: tqdm(it, desc="tokenize", unit="sample", leave=False, mininterval=1.0)  # noqa: E731

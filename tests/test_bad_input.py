@@ -1,0 +1,128 @@
+"""Bad input: one clear ``error:`` line naming what and where, a non-zero exit, no traceback, and nothing in
+output_dir that could pass for a result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_train
+
+RESULTS = ("metrics.jsonl", "checkpoints", "config.yaml")
+
+
+def assert_refused(proc, out: Path, *needles: str) -> str:
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not any((out / name).exists() for name in RESULTS), sorted(p.name for p in out.iterdir())
+    return errors[0]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+
+
+def test_misspelled_key_names_it_and_suggests(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "optim.lr_ratio=4"], check=False)
+    assert_refused(proc, out, "optim.lr_ratio", "command line", "did you mean 'optim.loraplus_ratio'")
+
+
+def test_misspelled_key_in_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_step: 3\n")
+    out = tmp_path / "o"
+    proc = run_train(["--config", str(recipe), f"output_dir={out}"], check=False)
+    assert_refused(proc, out, "train.max_step", str(recipe), "train.max_steps")
+
+
+def test_missing_model_directory(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"model.name_or_path={tmp_path / 'nope'}"], check=False)
+    assert_refused(proc, out, "model directory not found", str(tmp_path / "nope"), "model.name_or_path")
+
+
+def test_malformed_data_line_names_file_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, '{"instruction": "x", "output": '])
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}"], check=False)
+    assert_refused(proc, out, f"{data}:3", "malformed")
+
+
+def test_empty_dataset(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [])
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}"], check=False)
+    assert_refused(proc, out, "empty")
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, json.dumps({"prompt": "x", "output": "y"})])
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}"], check=False)
+    assert_refused(proc, out, f"{data}:2", "'instruction'")
+
+
+def test_too_long_sample_refused_when_the_recipe_says_so(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, json.dumps({"instruction": "word " * 200, "output": "x"})])
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}", "data.too_long=refuse", "train.seq_len=64"],
+                     check=False)
+    assert_refused(proc, out, f"{data}:2", "train.seq_len=64")
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_deepspeed_json_with_optimizer_or_scheduler_block(tmp_path, block):
+    ds = json.loads((REPO / "deepspeed_configs" / "zero2.json").read_text())
+    ds[block] = {"type": "AdamW" if block == "optimizer" else "WarmupLR", "params": {}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    out = tmp_path / "o"
+    proc = run_train(["--deepspeed_config", str(path), f"output_dir={out}"], check=False)
+    assert_refused(proc, out, str(path), f"'{block}' block")
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = blocker / "run"  # cannot be created, even by root
+    proc = run_train([f"output_dir={out}", "train.max_steps=1"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in proc.stderr.splitlines() if "not writable" in line]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_existing_run_is_not_overwritten_without_the_flag(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_train([f"output_dir={out}"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--overwrite" in proc.stderr and "already holds a run" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # the user's work is untouched
+
+
+def test_override_without_equals_sign(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "train.max_steps"], check=False)
+    assert_refused(proc, out, "train.max_steps", "key.sub=value")
+
+
+def test_bad_input_under_the_launcher_is_one_line_from_rank_0(tmp_path):
+    """Both ranks find the error; only rank 0 prints it, and the launcher exits non-zero."""
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, "not json"])
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}"], nprocs=2, check=False)
+    assert_refused(proc, out, f"{data}:2")
