@@ -278,21 +278,28 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TypeError(f"unsupported field type {tp} for {key}")  # a bug in this module, not user input
 
 
+def _source(where: dict[str, str], key: str) -> str:
+    """Where a key (or, for a section, any key below it) was set: a recipe path or 'command line'."""
+    if key in where:
+        return where[key]
+    return next((src for k, src in where.items() if k.startswith(key + ".")), "recipe")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, where: dict[str, str]) -> Any:
     types = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in types:
-            raise _unknown_key(key, where.get(key, "recipe"))
+            raise _unknown_key(key, _source(where, key))
         tp = types[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' ({where.get(key, 'recipe')}) must be a mapping of "
-                                  f"{', '.join(types_ for types_ in _field_types(tp))}; got {value!r}")
+                raise ConfigError(f"config key '{key}' ({_source(where, key)}) must be a mapping of "
+                                  f"{', '.join(_field_types(tp))}; got {value!r}")
             kwargs[name] = _build(tp, value, f"{key}.", where)
         else:
-            kwargs[name] = _coerce(value, tp, key, where.get(key, "recipe"))
+            kwargs[name] = _coerce(value, tp, key, _source(where, key))
     for name, tp in types.items():  # sections absent from the recipe still get validated defaults
         if dataclasses.is_dataclass(tp) and name not in kwargs:
             kwargs[name] = tp()

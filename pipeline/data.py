@@ -180,7 +180,13 @@ def _tokenize_chat(record: dict, where: str, tokenizer) -> Sample:
             raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable, so assistant turns "
                             f"cannot be located; use data.format=instruction")
         new = full[len(ids):]
-        labels += new if m["role"] == "assistant" else [IGNORE_INDEX] * len(new)
+        if m["role"] == "assistant":
+            # Learn the turn up to and including its end token; whatever the template appends after it
+            # (a newline, say) is formatting, not something the model should predict.
+            end = max((j for j, t in enumerate(new) if t == tokenizer.eos_token_id), default=len(new) - 1)
+            labels += new[:end + 1] + [IGNORE_INDEX] * (len(new) - end - 1)
+        else:
+            labels += [IGNORE_INDEX] * len(new)
         ids = full
     return Sample(ids, labels)
 

@@ -81,6 +81,9 @@ def read_ds_json(path: Path) -> dict[str, Any]:
         if isinstance(node, dict):
             for k, v in node.items():
                 find_auto(v, f"{trail}.{k}" if trail else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                find_auto(v, f"{trail}[{i}]")
 
     find_auto(ds, "")
     zero = ds.get("zero_optimization", {})

@@ -22,6 +22,8 @@ def multiplier(name: str, step: int, warmup_steps: int, max_steps: int, min_lr_r
     stays at 1; ``linear`` and ``cosine`` decay from 1 towards ``min_lr_ratio``, reaching it at ``max_steps``
     (one past the last step, so the last update still moves the weights).
     """
+    if name not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule '{name}' (expected constant, linear or cosine)")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if name == "constant":
@@ -29,9 +31,7 @@ def multiplier(name: str, step: int, warmup_steps: int, max_steps: int, min_lr_r
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     if name == "linear":
         return 1.0 - (1.0 - min_lr_ratio) * progress
-    if name == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule '{name}' (expected constant, linear or cosine)")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def lr_lambda(name: str, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> Callable[[int], float]:

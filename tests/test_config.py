@@ -100,9 +100,6 @@ def test_unknown_key_in_recipe_names_file(tmp_path):
                         "did you mean 'train.max_steps'")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: an unknown *section* is reported as '(recipe)' whatever its "
-                                       "source (config.py _build uses where.get(key, 'recipe') but `where` only "
-                                       "holds leaf keys)")
 def test_unknown_section_names_its_source(tmp_path):
     raises_config_error(lambda: make_config(overrides=["optimm.lr=4"]), "'optimm'", "command line", "'optim'")
     recipe = write(tmp_path / "typo.yaml", "optimm:\n  lr: 1e-4\n")

@@ -67,8 +67,6 @@ def test_unknown_name_raises():
         lr_lambda("step", 0, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: schedule.multiplier returns the warmup value before looking at "
-                                       "the name, so lr_lambda('step', warmup_steps>0, ...) does not validate")
 def test_lr_lambda_validates_name_even_with_warmup():
     with pytest.raises(ValueError):
         lr_lambda("step", 5, 50)
