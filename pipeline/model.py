@@ -14,10 +14,6 @@ import torch
 
 from pipeline.errors import UserError
 
-# Architectures whose projection names match the default LoRA targets. Others load, with a warning.
-KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 def check_model_dir(path: str) -> dict:
     """Validate a model directory without loading it; return its ``config.json``.
 

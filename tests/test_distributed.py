@@ -77,6 +77,16 @@ def test_zero3_partitions_frozen_weights_at_load(runs_root):
     assert held2 == total2  # the check can tell the difference
 
 
+def test_gradient_checkpointing_under_zero3_changes_no_loss(runs_root):
+    """Recomputing activations (non-reentrant, frozen inputs) must give the same losses, under ZeRO-3."""
+    reference = read_metrics(zero_run(runs_root, "zero3")[0])
+    out, _ = _run(runs_root, "zero3-gc", [*COMMON, "--deepspeed_config", "deepspeed_configs/zero3.json",
+                                          "model.gradient_checkpointing=true"], nprocs=2)
+    rows = read_metrics(out)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # LoRA+ ratio held at every step, for every schedule, under ZeRO 1/2/3 and offload
 
