@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     zero3 = dist.zero_stage(ds_config) == 3
     train(engine, samples, cfg, info, log, tokenizer.pad_token_id,
           save=lambda step: checkpoint.save(engine, model, cfg, output_dir, step, info.rank, zero3))
-    log.print(f"done: {cfg.train.max_steps} steps; metrics in {output_dir / 'metrics.jsonl'}, "
+    log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {output_dir / 'checkpoints'}")
     log.close()
 

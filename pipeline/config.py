@@ -165,7 +165,7 @@ class TrainConfig:
 
     max_steps: int = 60
     """Optimizer steps to run."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = 8
     """Samples per rank per forward pass (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * world size."""

@@ -34,6 +34,7 @@ class Reporter:
         self._file = open(metrics_path, "a", encoding="utf-8") if self.active and metrics_path else None
         self._bar = None
         self._every = max(1, total_steps // 20)
+        self._losses: list[float] = []
         if self.active and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -51,6 +52,7 @@ class Reporter:
         """Record one optimizer step: a JSONL row, and a bar update (or a log line every ~5% off a TTY)."""
         if not self.active:
             return
+        self._losses.append(row["loss"])
         if self._file:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
@@ -62,6 +64,14 @@ class Reporter:
             self._bar.set_postfix_str(summary, refresh=False)
         elif row["step"] % self._every == 0 or row["step"] == self.total:
             print(f"step {row['step']:>6}/{self.total}  {summary}", flush=True)
+
+    def loss_summary(self) -> str:
+        """``loss A -> B``: the mean over the first and the last (up to) 5 steps of this run."""
+        k = max(1, min(5, len(self._losses) // 2))
+        first, last = self._losses[:k], self._losses[-k:]
+        if not first:
+            return "no steps run"
+        return f"loss {sum(first) / k:.4f} (mean of first {k} steps) -> {sum(last) / k:.4f} (last {k})"
 
     def close(self) -> None:
         if self._bar is not None:

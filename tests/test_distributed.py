@@ -194,5 +194,5 @@ def test_embedded_default_end_to_end(tmp_path):
     cfg = make_config(out / "config.yaml")
     assert cfg.train.max_steps == 12 and Path(cfg.model.name_or_path).is_dir() and Path(cfg.data.path).is_file()
     ds = json.loads((out / "deepspeed_config.json").read_text())
-    assert ds["train_batch_size"] == 4 * 1 * 2 and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == 8 * 1 * 2 and ds["zero_optimization"]["stage"] == 2
     assert "LoRA+ param groups" in proc.stdout and "Traceback" not in proc.stderr
