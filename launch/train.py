@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import tiny  # noqa: E402
+from pipeline import loraplus, tiny  # noqa: E402
 from pipeline.checkpoint import check_output_dir  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
@@ -48,12 +48,13 @@ def main(argv=None) -> None:
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
 
-    # 2. Distributed set-up and data (data errors are found on every rank alike, before output_dir is touched).
-    dist.select_accelerator()
+    # 2. Distributed set-up and data. Data errors are found on every rank alike; output_dir is only probed.
+    on_gpu = dist.select_accelerator()
+    kind = loraplus.pick_optimizer(cfg.optim.optimizer, dist.offloads_optimizer(ds_json), on_gpu)
     quiet_library_warnings()
     import torch
 
-    from pipeline import checkpoint, loraplus, schedule
+    from pipeline import checkpoint, schedule
     from pipeline.data import load_samples
     from pipeline.loop import train
     from pipeline.lora import add_lora
@@ -62,24 +63,23 @@ def main(argv=None) -> None:
 
     dist.set_single_process_defaults()
     info = dist.init()
-    ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, info.on_gpu)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
-    checkpoint.prepare_output_dir(output_dir, args.overwrite, info.rank, cfg, ds_config)
     log = Reporter(info.rank, output_dir / "metrics.jsonl", cfg.train.max_steps)
+    checkpoint.probe_output_dir(output_dir, info.rank)  # fail now, not after loading a 70B model
+    ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, info.on_gpu)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
     log.print(f"data: {data_report}")
 
     # 3. Model, LoRA, LoRA+ groups, optimizer, engine.
     zero3_hook = dist.zero3_load_hook(ds_config)  # noqa: F841  (alive = ZeRO-3 partitions weights at load)
     precision = dist.precision(ds_config, info.on_gpu)
-    model = load_model(model_path, getattr(torch, dist.TORCH_DTYPES[precision]), cfg.model.attn_implementation,
-                       cfg.model.gradient_checkpointing, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
+                       cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code)
     model = add_lora(model, cfg.lora, cfg.seed)
     torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
     rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
                                    cfg.optim.weight_decay)
     groups = loraplus.param_groups(model.named_parameters(), rates)
-    kind = loraplus.pick_optimizer(cfg.optim.optimizer, dist.offloads_optimizer(ds_config), info.on_gpu)
     optimizer = dist.build_optimizer(groups, kind, cfg.optim.betas, cfg.optim.eps)
     lr_lambda = schedule.lr_lambda(cfg.schedule.name, cfg.schedule.warmup_steps, cfg.train.max_steps,
                                    cfg.schedule.min_lr_ratio)
@@ -87,7 +87,9 @@ def main(argv=None) -> None:
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, _ = dist.initialize(model, optimizer, lr_lambda, ds_config)
 
-    # 4. Train; checkpoints every train.save_every steps and at the end.
+    # 4. Only now, with every input accepted, does output_dir receive a run; then train, checkpointing every
+    #    train.save_every steps and at the end.
+    checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config)
     zero3 = dist.zero_stage(ds_config) == 3
     train(engine, samples, cfg, info, log, tokenizer.pad_token_id,
           save=lambda step: checkpoint.save(engine, model, cfg, output_dir, step, info.rank, zero3))

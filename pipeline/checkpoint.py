@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,13 +41,26 @@ def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     with dist.gathered(trainable, enabled=zero3):
         if rank == 0:
-            peft_model.save_pretrained(out / "adapter", safe_serialization=True)
+            # save_embedding_layers=False: the base embedding is frozen and never resized here, and PEFT would
+            # otherwise also save it when an embedding is a LoRA target (a partitioned, empty tensor under ZeRO-3).
+            peft_model.save_pretrained(out / "adapter", safe_serialization=True, save_embedding_layers=False)
+            _check_adapter(out / "adapter")
     dist.save_engine_state(engine, out, ENGINE_TAG, client_state={"step": step})
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         (out / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
     dist.barrier()
     return out
+
+
+def _check_adapter(adapter_dir: Path) -> None:
+    """Refuse to leave behind an adapter with an empty tensor (an un-gathered ZeRO-3 partition)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+    if empty:
+        raise RuntimeError(f"adapter saved with empty tensors (not gathered under ZeRO-3?): {empty[:3]}")
 
 
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "deepspeed_config.json", "checkpoints")
@@ -69,25 +83,34 @@ def check_output_dir(path: str, overwrite: bool) -> Path:
     return out
 
 
-def prepare_output_dir(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict) -> None:
-    """Rank 0 creates ``out`` (clearing a previous run's files with ``overwrite``) and writes the resolved
-    ``config.yaml`` and ``deepspeed_config.json``; every rank learns whether that worked, so an unwritable
-    directory fails everywhere at once with one message. Collective."""
+def probe_output_dir(out: Path, rank: int) -> None:
+    """Rank 0 creates ``out`` and checks it can write there; every rank learns the outcome, so an unwritable
+    directory fails everywhere at once with one message. Writes nothing that stays. Collective."""
     error = None
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                for name in RUN_ARTIFACTS:
-                    target = out / name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    elif target.exists():
-                        target.unlink()
-            save_config(cfg, out / "config.yaml")
-            (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
         except OSError as e:
             error = f"output_dir {out} is not writable ({e.strerror or e}); choose another output_dir=..."
     error = dist.broadcast_object(error)
     if error:
         raise UserError(error)
+
+
+def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict) -> None:
+    """Once every input has been accepted: clear a previous run (with ``--overwrite``) and write the resolved
+    ``config.yaml`` and ``deepspeed_config.json``. Collective."""
+    if rank == 0:
+        if overwrite:
+            for name in RUN_ARTIFACTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        save_config(cfg, out / "config.yaml")
+        (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    dist.barrier()

@@ -201,6 +201,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir", "must not be empty")
+        _check(0 <= self.seed < 2 ** 32, "seed", f"must be in [0, 2**32); got {self.seed}")
         _check(bool(self.deepspeed_config), "deepspeed_config", "must name a DeepSpeed JSON file")
         _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
                f"({self.schedule.warmup_steps}) must not exceed train.max_steps ({self.train.max_steps})")
@@ -389,7 +390,9 @@ def resolve_file(path: str, what: str, key: str) -> Path:
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, PROJECT_ROOT / p]
     for c in candidates:
-        if c.exists():
+        if c.is_file():
             return c.resolve()
+        if c.exists():
+            raise ConfigError(f"{what} '{path}' is a directory, not a file (config key '{key}')")
     tried = " or ".join(str(c) for c in candidates)
     raise ConfigError(f"{what} not found: '{path}' (config key '{key}'; looked for {tried})")

@@ -52,8 +52,12 @@ def read_records(path: str | Path, split: str = "train") -> list[tuple[str, dict
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         out = []
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -65,6 +69,8 @@ def read_records(path: str | Path, split: str = "train") -> list[tuple[str, dict
     if suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{p}: not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -167,9 +173,12 @@ def _tokenize_chat(record: dict, where: str, tokenizer) -> Sample:
     # ones that carry loss. This works for any prefix-stable template, which is checked, not assumed.
     ids: list[int] = []
     labels: list[int] = []
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: chat sample starts with an assistant message; it needs a user (or system) "
+                        f"message before it to respond to")
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            prompt = render(messages[:i], gen=True) if i else []
+            prompt = render(messages[:i], gen=True)
             if prompt[:len(ids)] != ids:
                 raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable, so assistant "
                                 f"turns cannot be located; use data.format=instruction")
@@ -199,9 +208,9 @@ class DataReport:
     tokens: int
 
 
-def build_samples(records: list[tuple[str, dict]], fmt: str, tokenizer, seq_len: int, too_long: str,
+def build_samples(records: list[tuple[str, dict]], fmt: str, tokenizer, seq_len: int | None, too_long: str,
                   progress=None) -> tuple[list[Sample], DataReport]:
-    """Tokenise every record and enforce ``seq_len``.
+    """Tokenise every record and enforce ``seq_len`` (``None``: keep every sample whole, for packing).
 
     Raises:
         DataError: empty dataset, malformed sample, a too-long sample with ``too_long=refuse``, or nothing left
@@ -212,7 +221,7 @@ def build_samples(records: list[tuple[str, dict]], fmt: str, tokenizer, seq_len:
     samples, truncated, dropped, tokens = [], 0, 0, 0
     for where, record in (progress(records) if progress else records):
         s = tokenize_record(record, where, fmt, tokenizer)
-        if len(s.input_ids) > seq_len:
+        if seq_len is not None and len(s.input_ids) > seq_len:
             if too_long == "refuse":
                 raise DataError(f"{where}: sample is {len(s.input_ids)} tokens, longer than train.seq_len="
                                 f"{seq_len} (raise train.seq_len, or set data.too_long=truncate)")
@@ -308,10 +317,13 @@ def load_samples(cfg, tokenizer, seq_len: int, show_progress: bool = False) -> t
 
         progress = lambda it: tqdm(it, desc="tokenize", unit="sample", leave=False, mininterval=1.0)  # noqa: E731
     records = read_records(cfg.path, cfg.split)
-    samples, rep = build_samples(records, cfg.format, tokenizer, seq_len, cfg.too_long, progress)
-    line = (f"{rep.samples} samples, {rep.tokens:,} tokens from {cfg.path} (format {cfg.format}); "
-            f"{rep.truncated} truncated to {seq_len} tokens, {rep.dropped_no_labels} dropped with no response left")
+    # Packed samples may be longer than a row: pack() spreads them over several rows instead of cutting them.
+    samples, rep = build_samples(records, cfg.format, tokenizer, None if cfg.packing else seq_len, cfg.too_long,
+                                 progress)
+    line = f"{rep.samples} samples, {rep.tokens:,} tokens from {cfg.path} (format {cfg.format}); "
     if cfg.packing:
         samples = pack(samples, seq_len)
-        line += f"; packed into {len(samples)} rows"
+        line += f"packed into {len(samples)} rows of up to {seq_len} tokens"
+    else:
+        line += f"{rep.truncated} truncated to {seq_len} tokens, {rep.dropped_no_labels} dropped with no response left"
     return samples, line

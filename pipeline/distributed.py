@@ -261,9 +261,24 @@ def current_lrs(engine) -> dict[str, float]:
     return {g["name"]: float(g["lr"]) for g in optimizer_param_groups(engine)}
 
 
-def grad_norm(engine) -> float | None:
+def grad_norm_if_untracked(engine) -> float | None:
+    """The global gradient norm where DeepSpeed does not record one (ZeRO-0 in fp32), else ``None``.
+
+    Call after the last backward of a step and before its ``engine.step()``: ZeRO-0 has all-reduced the
+    gradients by then (identical on every rank), and the step clips and then zeroes them.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    import torch
+
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def grad_norm(engine, fallback: float | None = None) -> float | None:
+    """The step's global gradient norm before clipping: DeepSpeed's own, else ``fallback``."""
     norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+    return fallback if norm is None else float(norm)
 
 
 @contextlib.contextmanager

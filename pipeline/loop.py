@@ -40,14 +40,17 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         lrs = dist.current_lrs(engine)  # the lrs this step's update will use (the scheduler moves after it)
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
-        for b in batches:
-            b = {k: v.to(info.device) for k, v in b.items()}
+        own_norm = None
+        for k, b in enumerate(batches):
+            b = {key: v.to(info.device) for key, v in b.items()}
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
             # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average into
             # the sum over ranks, and dividing by the global label count makes it a per-token mean.
             engine.backward(ce * (world / label_tokens), scale_wrt_gas=False)
+            if k == ga - 1:
+                own_norm = dist.grad_norm_if_untracked(engine)  # ZeRO-0 keeps no norm of its own
             engine.step()  # an optimizer step (and scheduler step) only at the accumulation boundary
             loss_sum += ce.detach().double()
         loss = float(dist.all_reduce_sum(loss_sum)) / label_tokens  # CPU-GPU sync point
@@ -58,7 +61,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             "step": done,
             "loss": loss,
             "lr_groups": lrs,
-            "grad_norm": dist.grad_norm(engine),
+            "grad_norm": dist.grad_norm(engine, fallback=own_norm),
             "tokens": int(tokens),
             "label_tokens": int(label_tokens),
             "tokens_per_s": tokens / dt,

@@ -24,7 +24,11 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Mod
                               target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, peft_cfg)
+        # autocast_adapter_dtype=False: adapters take the base model's dtype at every ZeRO stage. (PEFT would
+        # upcast them to fp32, and DeepSpeed re-casts that to bf16 under ZeRO 0-2 but not for a ZeRO-3 model
+        # loaded with zero.Init, so stages would train in different dtypes.) DeepSpeed's bf16 mode keeps
+        # fp32 master weights for the optimizer either way.
+        return get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()

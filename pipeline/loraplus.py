@@ -145,6 +145,9 @@ def pick_optimizer(requested: str, offload_optimizer: bool, on_gpu: bool) -> str
         return "cpu_adam" if offload_optimizer else ("adamw_fused" if on_gpu else "adamw")
     if requested == "adamw_fused" and not on_gpu:
         raise ConfigError("optim.optimizer=adamw_fused needs a CUDA GPU; use adamw (or auto) on CPU")
+    if requested == "cpu_adam" and on_gpu and not offload_optimizer:
+        raise ConfigError("optim.optimizer=cpu_adam steps optimizer state on the CPU, but the DeepSpeed JSON keeps "
+                          "it on the GPU; use a JSON with offload_optimizer (zero3_offload.json) or optim.optimizer=auto")
     if requested in ("adamw", "adamw_fused") and offload_optimizer:
         raise ConfigError(f"optim.optimizer={requested} cannot step optimizer state offloaded to CPU; use "
                          f"cpu_adam (or auto) with offload_optimizer, or a DeepSpeed JSON without offload")

@@ -31,7 +31,8 @@ class Reporter:
     def __init__(self, rank: int, metrics_path: Path | None, total_steps: int):
         self.active = rank == 0
         self.total = total_steps
-        self._file = open(metrics_path, "a", encoding="utf-8") if self.active and metrics_path else None
+        self._path = metrics_path
+        self._file = None  # opened at the first step, so a run that fails before training leaves no file
         self._bar = None
         self._every = max(1, total_steps // 20)
         self._losses: list[float] = []
@@ -53,6 +54,8 @@ class Reporter:
         if not self.active:
             return
         self._losses.append(row["loss"])
+        if self._file is None and self._path is not None:
+            self._file = open(self._path, "a", encoding="utf-8")
         if self._file:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()

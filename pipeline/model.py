@@ -32,6 +32,13 @@ def check_model_dir(path: str) -> dict:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UserError(f"{cfg_file}: no 'model_type', so transformers cannot tell the architecture (expected "
+                        f"e.g. \"model_type\": \"llama\")")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((p / name).is_file() for name in tokenizer_files):
+        raise UserError(f"{p} has no tokenizer ({', '.join(tokenizer_files)}); copy the tokenizer files of the "
+                        f"base model into it")
     if not any(p.glob("*.safetensors")):
         raise UserError(f"{p} has no *.safetensors weights; this pipeline does not unpickle .bin/.pt weights. "
                         f"Convert them once (load and save_pretrained(safe_serialization=True)) in a trusted "
@@ -61,6 +68,12 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     """
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                            "package (pip install flash-attn --no-build-isolation); or use sdpa")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
         use_safetensors=True, local_files_only=True)

@@ -99,8 +99,8 @@ def test_unwritable_output_dir(tmp_path):
     out = blocker / "run"  # cannot be created, even by root
     proc = run_train([f"output_dir={out}", "train.max_steps=1"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        line for line in proc.stderr.splitlines() if "not writable" in line]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not writable" in errors[0] and str(out) in errors[0], proc.stderr[-2000:]
     assert blocker.read_text() == "not a directory"
 
 
@@ -126,3 +126,64 @@ def test_bad_input_under_the_launcher_is_one_line_from_rank_0(tmp_path):
     out = tmp_path / "o"
     proc = run_train([f"output_dir={out}", f"data.path={data}"], nprocs=2, check=False)
     assert_refused(proc, out, f"{data}:2")
+
+
+# Errors found late (after the model is loaded) must leave output_dir as empty as early ones do.
+
+
+def test_lora_target_that_matches_nothing_leaves_no_run_behind(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "lora.target_modules=[nonexistent]", "--deepspeed_config",
+                      "deepspeed_configs/zero0.json"], check=False)
+    assert_refused(proc, out, "lora.target_modules", "q_proj")  # lists the names that do exist
+    proc = run_train([f"output_dir={out}", "train.max_steps=1", "--deepspeed_config", "deepspeed_configs/zero0.json"])
+    assert (out / "metrics.jsonl").is_file()  # the corrected rerun is not refused as "already holds a run"
+
+
+def test_flash_attention_without_flash_attn(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "model.attn_implementation=flash_attention_2"], check=False)
+    assert_refused(proc, out, "flash_attention_2", "sdpa")
+
+
+def _copy_model(tiny_model_dir: Path, dest: Path, skip=()) -> Path:
+    dest.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name not in skip:
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_model_dir_without_tokenizer(tmp_path, tiny_model_dir):
+    model = _copy_model(tiny_model_dir, tmp_path / "m", skip=("tokenizer.json", "tokenizer_config.json"))
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"model.name_or_path={model}"], check=False)
+    assert_refused(proc, out, str(model), "tokenizer")
+
+
+def test_model_config_without_model_type(tmp_path, tiny_model_dir):
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"model.name_or_path={model}"], check=False)
+    assert_refused(proc, out, "config.json", "model_type")
+
+
+def test_data_line_that_is_not_utf8(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes((GOOD + "\n").encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n')
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"data.path={data}"], check=False)
+    assert_refused(proc, out, f"{data}:2", "UTF-8")
+
+
+def test_deepspeed_config_that_is_a_directory(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "--deepspeed_config", "deepspeed_configs"], check=False)
+    assert_refused(proc, out, "directory", "deepspeed_config")
+
+
+def test_seed_out_of_range(tmp_path):
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "seed=18446744073709551616"], check=False)
+    assert_refused(proc, out, "'seed'")

@@ -378,3 +378,26 @@ def test_bundled_dataset_matches_generator():
     expected = "".join(json.dumps(r) + "\n" for r in generate_dataset())
     assert BUNDLED_DATA.read_text() == expected
     assert len(expected.splitlines()) == 2000
+
+
+def test_chat_starting_with_assistant_is_refused(tok):
+    msgs = [{"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "ok"}]
+    with pytest.raises(DataError, match="starts with an assistant message"):
+        tokenize_record({"messages": msgs}, "f.jsonl:9", "chat", tok)
+
+
+def test_packing_spreads_long_samples_instead_of_cutting_them(tok, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.data import load_samples
+
+    long_text = " ".join(f"word{i}" for i in range(120))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short one"}) + "\n")
+    whole = tokenize_record({"text": long_text}, "x", "text", tok).input_ids
+    assert len(whole) > 64
+    rows, report = load_samples(DataConfig(path=str(path), format="text", packing=True), tok, seq_len=64)
+    packed = [t for r in rows for t in r.input_ids]
+    assert packed[:len(whole)] == whole  # nothing of the long document was dropped
+    assert all(len(r.input_ids) == 64 for r in rows[:-1]) and "packed into" in report
+    rows, report = load_samples(DataConfig(path=str(path), format="text", packing=False), tok, seq_len=64)
+    assert len(rows[0].input_ids) == 64 and "1 truncated" in report  # without packing it is cut, and counted

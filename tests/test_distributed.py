@@ -64,6 +64,9 @@ def test_zero_stages_give_the_same_losses(runs_root):
             assert row["loss"] == pytest.approx(ref["loss"], abs=1e-5), f"{stage} step {row['step']}"
             # The global batch is the same, so are its token counts (summed over ranks).
             assert row["tokens"] == ref["tokens"] and row["label_tokens"] == ref["label_tokens"], stage
+            # DeepSpeed's norm (ZeRO 1-3) and ours (ZeRO-0 keeps none) measure the same gradient.
+            assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), f"{stage} step {row['step']}"
+    assert all(r["grad_norm"] > 0 for r in reference)
 
 
 def test_zero3_partitions_frozen_weights_at_load(runs_root):
@@ -196,3 +199,34 @@ def test_embedded_default_end_to_end(tmp_path):
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["train_batch_size"] == 8 * 1 * 2 and ds["zero_optimization"]["stage"] == 2
     assert "LoRA+ param groups" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_zero3_embedding_adapter_from_a_relative_model_path(runs_root, tiny_model_dir, tmp_path):
+    """Under ZeRO-3 with nothing kept whole (persistence threshold 0, as for a 7B embedding), an adapter on the
+    embedding too saves gathered and loads with plain PEFT; a relative model path is recorded absolute."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import REPO
+
+    ds = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = tmp_path / "zero3_p0.json"
+    ds_path.write_text(json.dumps(ds))
+    relative = tiny_model_dir.relative_to(REPO)  # the launcher runs with the repo as working directory
+    out, _ = _run(runs_root, "zero3-embed", [*COMMON, "--deepspeed_config", str(ds_path),
+                                             f"model.name_or_path={relative}",
+                                             "lora.target_modules=[q_proj,v_proj,embed_tokens]"], nprocs=2)
+    adapter = out / "checkpoints" / f"step-{STEPS}" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_embedding_A" in k for k in weights) and all(v.numel() > 0 for v in weights.values())
+    rows = read_metrics(out)
+    assert set(rows[0]["lr_groups"]) == {"lora_A", "lora_B", "lora_embedding"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    loaded = dict(model.named_parameters())
+    for k, v in weights.items():  # every saved tensor landed in the model, at full size
+        name = next(n for n in loaded if n.replace(".default", "").endswith(k.split("base_model.model.", 1)[1]))
+        torch.testing.assert_close(loaded[name].detach(), v)

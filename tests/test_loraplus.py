@@ -345,3 +345,9 @@ def test_pick_optimizer():
         pick_optimizer("adamw", offload_optimizer=True, on_gpu=False)
     with pytest.raises(ConfigError, match="offload"):
         pick_optimizer("adamw_fused", offload_optimizer=True, on_gpu=True)
+
+
+def test_cpu_adam_on_gpu_needs_offload():
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        pick_optimizer("cpu_adam", offload_optimizer=False, on_gpu=True)
+    assert pick_optimizer("cpu_adam", offload_optimizer=False, on_gpu=False) == "cpu_adam"  # CPU params: fine
