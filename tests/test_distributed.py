@@ -250,5 +250,6 @@ def test_chat_format_packed_from_parquet(runs_root, tmp_path):
     metrics = read_metrics(out)
     # (few label tokens per step, so the loss is too noisy here to test learning; other tests do that)
     assert len(metrics) == STEPS and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in metrics)
-    for r in metrics:  # 2 ranks x 2 rows, every row full: packing leaves no padding
-        assert r["tokens"] == 2 * 2 * seq_len and 0 < r["label_tokens"] < r["tokens"]
+    for r in metrics:  # 2 ranks x 2 rows, all full but (possibly) the dataset's last row: hardly any padding
+        assert 3 * seq_len < r["tokens"] <= 2 * 2 * seq_len and 0 < r["label_tokens"] < r["tokens"]
+    assert sum(r["tokens"] == 4 * seq_len for r in metrics) >= STEPS - 1
