@@ -34,7 +34,8 @@ def parse_args(argv):
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    # 1. Everything a user can get wrong is checked before torch, DeepSpeed or a process group exist.
+    # 1. What a user can get wrong in the recipe, JSON, paths and output_dir is checked before DeepSpeed is
+    #    imported or a process group exists.
     args = parse_args(argv)
     cfg = make_config(args.config, args.overrides, args.deepspeed_config)
     ds_path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
