@@ -84,14 +84,16 @@ def main(argv=None) -> None:
     optimizer = dist.build_optimizer(groups, kind, cfg.optim.betas, cfg.optim.eps)
     lr_lambda = schedule.lr_lambda(cfg.schedule.name, cfg.schedule.warmup_steps, cfg.train.max_steps,
                                    cfg.schedule.min_lr_ratio)
-    for line in describe_model(model, groups, info, ds_config, precision, kind, dist.local_numel):
+    zero3 = dist.zero_stage(ds_config) == 3
+    offload = dist.optimizer_offload_device(ds_config)
+    for line in describe_model(model, groups, info, dist.zero_stage(ds_config), offload, precision, kind,
+                               dist.local_numel):
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, _ = dist.initialize(model, optimizer, lr_lambda, ds_config)
 
     # 4. Only now, with every input accepted, does output_dir receive a run; then train, checkpointing every
     #    train.save_every steps and at the end.
     checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config)
-    zero3 = dist.zero_stage(ds_config) == 3
     train(engine, samples, cfg, info, log, tokenizer.pad_token_id,
           save=lambda step: checkpoint.save(engine, model, cfg, output_dir, step, info.rank, zero3))
     log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "

@@ -96,9 +96,14 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def offloads_optimizer(ds: dict) -> bool:
+def optimizer_offload_device(ds: dict) -> str:
+    """``cpu``, ``nvme`` or ``none``: where the JSON keeps optimizer state."""
     off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return off.get("device", "none") in ("cpu", "nvme")
+    return off.get("device", "none")
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return optimizer_offload_device(ds) in ("cpu", "nvme")
 
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names; torch is imported lazily

@@ -91,7 +91,8 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
-def describe_model(model, groups, info, ds_config: dict, precision: str, optimizer: str, local_numel) -> list[str]:
+def describe_model(model, groups, info, zero_stage: int, offload_device: str, precision: str, optimizer: str,
+                   local_numel) -> list[str]:
     """The start-of-run summary: topology, parameter counts (total, trainable, held by this rank), LoRA+ groups."""
     from pipeline.loraplus import describe, numel
 
@@ -99,11 +100,9 @@ def describe_model(model, groups, info, ds_config: dict, precision: str, optimiz
     total = sum(numel(p) for p in params)
     trainable = sum(numel(p) for p in params if p.requires_grad)
     frozen = [p for p in params if not p.requires_grad]
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     lines = [
-        f"world size {info.world_size} on {'GPU' if info.on_gpu else 'CPU'}; ZeRO-{stage}, optimizer offload "
-        f"{offload}, {precision}, optimizer {optimizer}",
+        f"world size {info.world_size} on {'GPU' if info.on_gpu else 'CPU'}; ZeRO-{zero_stage}, optimizer offload "
+        f"{offload_device}, {precision}, optimizer {optimizer}",
         f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.3f}%); "
         f"frozen base weights held on rank 0: {local_numel(frozen):,} of {sum(numel(p) for p in frozen):,}",
         "LoRA+ param groups:",
