@@ -5,18 +5,20 @@
     python launch/train.py ...          (one process)
 
 Without --config it runs the embedded default: a tiny Llama built offline, the bundled data, ZeRO-2.
+An output_dir that already holds the run is resumed from its newest complete checkpoint; --overwrite starts again.
+SIGTERM/SIGINT save a checkpoint and exit with status 128 + signal (see pipeline/preempt.py).
 """
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import loraplus, tiny  # noqa: E402
-from pipeline.checkpoint import check_output_dir  # noqa: E402
+from pipeline import checkpoint, loraplus, resume, tiny  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
@@ -26,7 +28,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe (default: the embedded tiny default)")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON; overrides the recipe's deepspeed_config")
-    p.add_argument("--overwrite", action="store_true", help="delete a previous run in output_dir and start again")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in output_dir and start again (default: resume it)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before and after the flags
@@ -44,10 +47,13 @@ def main(argv=None) -> None:
     from pipeline.model import check_model_dir
 
     check_model_dir(model_path)
-    output_dir = check_output_dir(cfg.output_dir, args.overwrite)
+    output_dir = checkpoint.check_output_dir(cfg.output_dir)
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
+    continuing = checkpoint.holds_run(output_dir) and not args.overwrite
+    if continuing:
+        resume.check_same_experiment(output_dir, cfg)
 
     # 2. Distributed set-up and data. Data errors are found on every rank alike; output_dir is only probed.
     on_gpu = dist.select_accelerator()
@@ -55,25 +61,45 @@ def main(argv=None) -> None:
     quiet_library_warnings()
     import torch
 
-    from pipeline import checkpoint, schedule
-    from pipeline.data import load_samples
-    from pipeline.loop import train
+    from pipeline import schedule
+    from pipeline.data import fingerprint, load_samples
+    from pipeline.loop import Progress, train
     from pipeline.lora import add_lora
-    from pipeline.metrics import Reporter, describe_model
+    from pipeline.metrics import Reporter, Stopwatch, describe_model
     from pipeline.model import load_model, load_tokenizer
+    from pipeline.preempt import StopRequest
 
     dist.set_single_process_defaults()
     info = dist.init()
     log = Reporter(info.rank, output_dir / "metrics.jsonl", cfg.train.max_steps)
     checkpoint.probe_output_dir(output_dir, info.rank)  # fail now, not after loading a 70B model
+    point = None
+    if continuing:  # rank 0 verifies the checkpoints (hashes every file) and tells the others
+        point = dist.broadcast_object(checkpoint.find_resume_point(output_dir) if info.rank == 0 else None)
+        for note in point.notes:
+            log.print(note)
+        if point.step >= cfg.train.max_steps:
+            log.print(f"nothing to do: {output_dir} is at step {point.step} of train.max_steps={cfg.train.max_steps}; "
+                      f"raise train.max_steps to train further")
+            return
+        if point.directory is None:
+            log.print(f"{output_dir} holds a run without a complete checkpoint: starting it from step 0")
+        else:
+            cfg, note = resume.fit_global_batch(cfg, point.state, info.world_size, point.directory.name)
+            if note:
+                log.print(note)
     ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, info.on_gpu)
+    precision = dist.precision(ds_config, info.on_gpu)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
     log.print(f"data: {data_report}")
+    data_id = fingerprint(samples)
+    if point and point.directory:
+        resume.check_compatible(point.state, dist.zero_stage(ds_config), precision, data_id, len(samples),
+                                point.directory.name)
 
     # 3. Model, LoRA, LoRA+ groups, optimizer, engine.
     zero3_hook = dist.zero3_load_hook(ds_config)  # noqa: F841  (alive = ZeRO-3 partitions weights at load)
-    precision = dist.precision(ds_config, info.on_gpu)
     model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
                        cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code)
     model = add_lora(model, cfg.lora, cfg.seed)
@@ -91,11 +117,29 @@ def main(argv=None) -> None:
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, _ = dist.initialize(model, optimizer, lr_lambda, ds_config)
 
-    # 4. Only now, with every input accepted, does output_dir receive a run; then train, checkpointing every
-    #    train.save_every steps and at the end.
-    checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config)
-    train(engine, samples, cfg, info, log, tokenizer.pad_token_id,
-          save=lambda step: checkpoint.save(engine, model, cfg, output_dir, step, info.rank, zero3))
+    # 4. Only now, with every input accepted, does output_dir receive (or continue) a run; then train,
+    #    checkpointing every train.save_every steps, at the end, and when a signal stops the run.
+    checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config, point.step if point else None)
+    progress = Progress()
+    if point and point.directory:
+        log.print(resume.restore(engine, point, info.rank, info.world_size, lr_lambda))
+        progress = Progress(point.step, point.state["nonfinite_steps"], point.state["elapsed_s"])
+        log.start_at(point.step)
+    run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), precision, len(samples),
+                                     data_id)
+
+    def save(p: Progress) -> None:
+        clock = Stopwatch()
+        checkpoint.save(engine, model, cfg, output_dir, p.step, info.rank, zero3, run_facts(p))
+        log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
+
+    with StopRequest(announce=info.rank == 0) as stop:
+        signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop)
+    if signum:
+        log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
+                  f"same command again to resume")
+        log.close()
+        sys.exit(128 + signum)
     log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {output_dir / 'checkpoints'}")
     log.close()

@@ -1,56 +1,134 @@
-"""Checkpoint layout (resume and fault tolerance build on it).
+"""Checkpoints: layout, atomic saves, integrity, retention, and what a resume needs.
 
 ::
 
     output_dir/
-      config.yaml                 the resolved recipe
+      config.yaml                 the resolved recipe of the latest start
+      deepspeed_config.json       what deepspeed.initialize received
       metrics.jsonl               one row per optimizer step
-      checkpoints/step-<N>/
-        adapter/                  a PEFT adapter directory: adapter_config.json + adapter_model.safetensors
-        deepspeed/                DeepSpeed engine state (optimizer, scheduler, trainable weights; per rank)
-        trainer_state.json        step, and what produced it
-        config.yaml               the recipe that produced it
+      checkpoints/
+        latest                    "step-<N>": the newest sealed checkpoint (written last)
+        step-<N>/
+          adapter/                a PEFT adapter directory: adapter_config.json + adapter_model.safetensors
+          deepspeed/              DeepSpeed engine state: LoRA fp32 masters, Adam state per LoRA+ group with its
+                                  lr, scheduler, step counters (one file per rank; frozen base excluded)
+          rng/rank-<R>.json       python, numpy and torch (and CUDA) RNG states of each rank
+          trainer_state.json      step, batch shape, world size, data fingerprint, counters
+          config.yaml             the recipe that produced it
+          manifest.json           size and sha256 of every file above; written last: no manifest, no checkpoint
+        .step-<N>.tmp/            a save in progress (or one a crash interrupted: never read, removed on resume)
+        step-<N>.damaged/         a checkpoint that failed verification, set aside by resume (never deleted)
+
+A save writes everything under ``.step-<N>.tmp``, records sizes and hashes in ``manifest.json``, fsyncs, renames
+the directory to ``step-<N>`` and only then points ``latest`` at it. So a crash at any moment leaves either the
+new checkpoint complete or the previous one untouched. ``output_dir`` must be one filesystem shared by all ranks
+(as on any cluster; see the README).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import random
+import re
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import distributed as dist
+from pipeline import faults
 from pipeline.config import Config, save_config
-from pipeline.errors import UserError
+from pipeline.errors import RunError, UserError
 
 ENGINE_TAG = "deepspeed"
+STEP_RE = re.compile(r"step-(\d+)")
+MANIFEST = "manifest.json"
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "deepspeed_config.json", "checkpoints")
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / "checkpoints" / f"step-{step}"
+    return checkpoints_dir(output_dir) / f"step-{step}"
 
 
-def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int, zero3: bool) -> Path:
-    """Save adapter + engine state for ``step``. Collective: every rank calls it.
+# ----------------------------------------------------------------------------------------------------------
+# Saving
 
-    Under ZeRO-3 the LoRA parameters are gathered first; saving them partitioned would write empty tensors.
+
+def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int, zero3: bool,
+         trainer_state: dict) -> Path:
+    """Write and seal checkpoint ``step``; keep ``train.keep_last``. Collective: every rank calls it.
+
+    Raises:
+        RunError: a write failed on some rank (full disk, lost mount). The half-written directory is removed and
+            the previous checkpoint is left as it was.
     """
-    out = step_dir(output_dir, step)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    with dist.gathered(trainable, enabled=zero3):
+    final = step_dir(output_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        error = None
         if rank == 0:
-            # save_embedding_layers=False: the base embedding is frozen and never resized here, and PEFT would
-            # otherwise also save it when an embedding is a LoRA target (a partitioned, empty tensor under ZeRO-3).
-            peft_model.save_pretrained(out / "adapter", safe_serialization=True, save_embedding_layers=False)
-            _check_adapter(out / "adapter")
-    dist.save_engine_state(engine, out, ENGINE_TAG, client_state={"step": step})
+            error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        _raise_if_any(error, step, tmp, output_dir, rank)
+
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        with dist.gathered(trainable, enabled=zero3):
+            if rank == 0:
+                error = _attempt(lambda: _save_adapter(peft_model, tmp / "adapter"))
+        _raise_if_any(error, step, tmp, output_dir, rank)
+
+        def engine_and_rng():
+            dist.save_engine_state(engine, tmp, ENGINE_TAG, client_state={"step": step})
+            _write_json(tmp / "rng" / f"rank-{rank}.json", rng_state())
+            faults.during_save(step, rank)
+
+        # torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file").
+        _raise_if_any(_attempt(engine_and_rng, RuntimeError), step, tmp, output_dir, rank)
+
+        if rank == 0:
+            error = _attempt(lambda: _seal(tmp, final, cfg, trainer_state))
+        _raise_if_any(error, step, tmp, output_dir, rank)
+    except RunError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
-        save_config(cfg, out / "config.yaml")
-        (out / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+        _retain(output_dir, cfg.train.keep_last)
     dist.barrier()
-    return out
+    return final
+
+
+def _attempt(fn, *also: type[Exception]) -> str | None:
+    """Run ``fn``; a failed write becomes its message, so every rank can learn of it (see ``_raise_if_any``)."""
+    try:
+        fn()
+    except OSError as e:
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    except also as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _raise_if_any(error: str | None, step: int, tmp: Path, output_dir: Path, rank: int) -> None:
+    error = dist.first_error(error)
+    if error:
+        previous = latest_name(output_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise RunError(f"saving checkpoint step-{step} failed: {error}; {kept}; free space or fix "
+                       f"{checkpoints_dir(output_dir)}, then rerun the same command to resume")
+
+
+def _save_adapter(peft_model, directory: Path) -> None:
+    # save_embedding_layers=False: the base embedding is frozen and never resized here, and PEFT would otherwise
+    # also save it when an embedding is a LoRA target (a partitioned, empty tensor under ZeRO-3).
+    peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    _check_adapter(directory)
 
 
 def _check_adapter(adapter_dir: Path) -> None:
@@ -63,23 +141,151 @@ def _check_adapter(adapter_dir: Path) -> None:
         raise RuntimeError(f"adapter saved with empty tensors (not gathered under ZeRO-3?): {empty[:3]}")
 
 
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "deepspeed_config.json", "checkpoints")
+def _seal(tmp: Path, final: Path, cfg: Config, trainer_state: dict) -> None:
+    """Rank 0, after every rank wrote its files: manifest, fsync, rename, then the ``latest`` pointer."""
+    save_config(cfg, tmp / "config.yaml")
+    _write_json(tmp / "trainer_state.json", trainer_state)
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path, fsync=True)}
+    _write_json(tmp / MANIFEST, {"format": 1, "files": files})
+    _fsync_dir(tmp)
+    if final.exists():  # the same step, written before a resume from an older checkpoint: replace it
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    pointer = final.parent / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, final.parent / "latest")
+    _fsync_dir(final.parent)
 
 
-def check_output_dir(path: str, overwrite: bool) -> Path:
-    """Refuse to start over an existing run unless ``--overwrite`` was given. Reads only; changes nothing.
+def _retain(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` sealed checkpoints (0: keep all). Runs after a save is sealed."""
+    if keep_last <= 0:
+        return
+    for _, path in sealed_steps(output_dir)[keep_last:]:
+        shutil.rmtree(path)
 
-    Raises:
-        UserError: ``output_dir`` holds a run and ``overwrite`` is false, or it is a file.
-    """
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if fsync:
+            os.fsync(f.fileno())
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding and verifying
+
+
+def sealed_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-<N>`` directory, newest first (not yet verified)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def latest_name(output_dir: Path) -> str | None:
+    pointer = checkpoints_dir(output_dir) / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def verify(directory: Path) -> str | None:
+    """Why ``directory`` is not a usable checkpoint, or ``None`` if every file matches its manifest."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (its save never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, meta in files.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != meta["size"]:
+            return f"{rel} is {size} bytes, {meta['size']} were written (truncated?)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{rel} does not match the sha256 recorded when it was written (corrupt)"
+    for required in ("trainer_state.json", "adapter/adapter_model.safetensors", f"{ENGINE_TAG}/"):
+        if not any(rel == required or rel.startswith(required) for rel in files):
+            return f"{required} was never written"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: ``directory`` is ``None`` when the run has no usable checkpoint (start at 0)."""
+
+    directory: Path | None = None
+    state: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+def find_resume_point(output_dir: Path) -> ResumePoint:
+    """Rank 0, on a run being continued: remove interrupted saves, set aside damaged checkpoints, and return
+    the newest checkpoint whose files all match their manifest."""
+    point = ResumePoint()
+    root = checkpoints_dir(output_dir)
+    for tmp in sorted(root.glob(".step-*.tmp")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        point.notes.append(f"removed {tmp.name}: a save that was interrupted before it was sealed")
+    for step, path in sealed_steps(output_dir):
+        reason = verify(path)
+        if reason is None:
+            point.directory = path
+            point.state = json.loads((path / "trainer_state.json").read_text())
+            break
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged{n}")
+        os.replace(path, aside)
+        point.notes.append(f"skipped {path.name}: {reason}; moved it to {aside.name}")
+    return point
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Starting or continuing a run in output_dir
+
+
+def holds_run(output_dir: Path) -> bool:
+    return output_dir.is_dir() and any((output_dir / a).exists() for a in RUN_ARTIFACTS)
+
+
+def check_output_dir(path: str) -> Path:
+    """``output_dir`` resolved; refused if it is a file. Reads only."""
     out = Path(path).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a directory")
-    if out.is_dir() and not overwrite:
-        found = [a for a in RUN_ARTIFACTS if (out / a).exists()]
-        if found:
-            raise UserError(f"output_dir {out} already holds a run ({', '.join(found)}); choose another "
-                            f"output_dir=..., or pass --overwrite to delete that run's files and start again")
     return out
 
 
@@ -100,8 +306,9 @@ def probe_output_dir(out: Path, rank: int) -> None:
         raise UserError(error)
 
 
-def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict) -> None:
-    """Once every input has been accepted: clear a previous run (with ``--overwrite``) and write the resolved
+def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict, resume_step: int | None) -> None:
+    """Once every input has been accepted: with ``--overwrite`` clear the previous run; when continuing one,
+    cut ``metrics.jsonl`` back to the resumed step (later rows are recomputed); write the resolved
     ``config.yaml`` and ``deepspeed_config.json``. Collective."""
     if rank == 0:
         if overwrite:
@@ -111,6 +318,94 @@ def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dic
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        elif resume_step is not None:
+            truncate_metrics(out / "metrics.jsonl", resume_step)
         save_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     dist.barrier()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps ``<= step`` (a row cut short by a crash is dropped). Atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG states, as JSON (no pickles)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+def read_rng_state(directory: Path, rank: int) -> dict | None:
+    path = directory / "rng" / f"rank-{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _b64(t) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(text: str):
+    import torch
+
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def run_facts(cfg: Config, world_size: int, zero_stage: int, precision: str, num_samples: int, data_id: str):
+    """A function of the loop's progress giving the ``trainer_state.json`` of a checkpoint at that point."""
+    from importlib.metadata import version
+
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    fixed = {
+        "global_batch": global_batch, "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum, "world_size": world_size, "zero_stage": zero_stage,
+        "precision": precision, "num_samples": num_samples, "data_fingerprint": data_id,
+        "versions": {lib: version(lib) for lib in ("torch", "deepspeed", "transformers", "peft")},
+    }
+
+    def facts(progress) -> dict:
+        return {"step": progress.step, "samples_seen": progress.step * global_batch,
+                "epoch": progress.step * global_batch / num_samples, "nonfinite_steps": progress.nonfinite_steps,
+                "elapsed_s": round(progress.elapsed_s, 3), **fixed,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    return facts

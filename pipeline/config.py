@@ -172,13 +172,23 @@ class TrainConfig:
     seq_len: int = 256
     """Longest sample, in tokens (see ``data.too_long``)."""
     save_every: int = 0
-    """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
+    """Save a checkpoint every N steps (0: only at the end). The final step is always saved, and so is the step
+    at which a SIGTERM/SIGINT stops the run."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (0: keep all). Older ones are deleted only after a newer one is
+    complete."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradient norm is NaN/inf: ``skip`` it (no update; counted in ``metrics.jsonl``) or
+    ``stop`` the run with an error. Either way the optimizer state and the checkpoints stay finite."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", f"must be >= 1; got {value}")
-        _check(self.save_every >= 0, "train.save_every", f"must be >= 0; got {self.save_every}")
+        for key in ("save_every", "keep_last"):
+            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
+        _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
+               f"must be 'skip' or 'stop'; got {self.on_nonfinite!r}")
 
 
 @dataclass

@@ -327,3 +327,17 @@ def load_samples(cfg, tokenizer, seq_len: int, show_progress: bool = False) -> t
     else:
         line += f"{rep.truncated} truncated to {seq_len} tokens, {rep.dropped_no_labels} dropped with no response left"
     return samples, line
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """sha256 of every sample's tokens and labels, in order: a resumed run must see the data it was trained on."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(array("q", s.input_ids).tobytes())
+        h.update(b"|")
+        h.update(array("q", s.labels).tobytes())
+        h.update(b"\n")
+    return h.hexdigest()

@@ -209,6 +209,39 @@ def all_reduce_sum(t):
     return t
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (one scalar all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(error: str | None) -> str | None:
+    """Agree on failure: ``None`` on every rank if no rank failed, else the first failing rank's message on all.
+    Call at points every rank reaches, so one rank's failure cannot leave the others waiting in a collective."""
+    errors = gather_objects(error)
+    return next((f"rank {r}: {e}" if len(errors) > 1 else e for r, e in enumerate(errors) if e), None)
+
+
+def _collective_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and \
+        os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else torch.device("cpu")
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     import torch.distributed as dist
 
@@ -280,6 +313,12 @@ def grad_norm_if_untracked(engine) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+def drop_gradients(engine) -> None:
+    """Forget this step's gradients (ZeRO-0): the optimizer then leaves every parameter and its state alone."""
+    for p in engine.module.parameters():
+        p.grad = None
+
+
 def grad_norm(engine, fallback: float | None = None) -> float | None:
     """The step's global gradient norm before clipping: DeepSpeed's own, else ``fallback``."""
     norm = engine.get_global_grad_norm()
@@ -299,7 +338,35 @@ def gathered(params, enabled: bool):
 
 
 def save_engine_state(engine, directory: Path, tag: str, client_state: dict) -> None:
-    """DeepSpeed's own checkpoint of optimizer/scheduler/trainable weights (frozen base weights excluded).
-    Collective: every rank must call it."""
+    """DeepSpeed's own checkpoint of optimizer/scheduler/trainable weights (frozen base weights excluded), in
+    ``directory/tag``. Collective: every rank must call it."""
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
+
+
+def load_engine_state(engine, directory: Path, tag: str) -> dict:
+    """Restore what :func:`save_engine_state` wrote: the LoRA weights (fp32 masters under ZeRO), every param
+    group's Adam state and lr, the scheduler position and DeepSpeed's step counters. Collective.
+
+    DeepSpeed's files are torch pickles; they are read only after the checkpoint's manifest (sizes and sha256
+    recorded by this pipeline when it wrote them) has been verified.
+    """
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / tag}")
+    return client_state or {}
+
+
+def set_schedule_position(engine, lr_lambda) -> None:
+    """Set every group's lr to its base lr times ``lr_lambda`` at the restored scheduler position.
+
+    With an unchanged recipe this rewrites the very values DeepSpeed restored; with a raised ``train.max_steps``
+    it moves the run onto the new schedule at once rather than one step late.
+    """
+    scheduler = engine.lr_scheduler
+    lrs = []
+    for g in optimizer_param_groups(engine):
+        g["lr"] = g["initial_lr"] * lr_lambda(scheduler.last_epoch)
+        lrs.append(g["lr"])
+    scheduler._last_lr = lrs  # what get_last_lr() reports (torch keeps it in this attribute)

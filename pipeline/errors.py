@@ -8,9 +8,18 @@ class UserError(Exception):
     The message names what is wrong and where, and where possible how to fix it.
     """
 
+    exit_code = 2
+
+
+class RunError(UserError):
+    """The run cannot go on for a reason outside the code (a full disk, a non-finite loss with
+    ``train.on_nonfinite=stop``). Reported like :class:`UserError`, one line, but with exit status 1."""
+
+    exit_code = 1
+
 
 def exit_on_user_error(main):
-    """Decorate an entry point: a :class:`UserError` becomes one ``error: ...`` line on stderr and exit 2.
+    """Decorate an entry point: a :class:`UserError` becomes one ``error: ...`` line on stderr and its exit status.
 
     Under a multi-rank launcher every rank raises the same error (inputs are validated on all ranks), so only
     rank 0 prints it. Anything else is a bug and keeps its traceback.
@@ -26,6 +35,6 @@ def exit_on_user_error(main):
         except UserError as e:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(e.exit_code)
 
     return wrapper

@@ -2,33 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pipeline import distributed as dist
+from pipeline import faults
 from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, Sample, collate, rank_micro_batches
+from pipeline.errors import RunError
 from pipeline.metrics import Reporter, Stopwatch
+from pipeline.preempt import StopRequest
+
+MAX_CONSECUTIVE_NONFINITE = 10  # with on_nonfinite=skip: past this, the run is not recovering; stop it
+
+
+@dataclass
+class Progress:
+    """What the loop carries across a checkpoint besides the engine state (saved in ``trainer_state.json``)."""
+
+    step: int = 0  # optimizer steps done
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm
+    elapsed_s: float = 0.0  # training wall time before this start
 
 
 def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, reporter: Reporter, pad_id: int,
-          save: Callable[[int], None], start_step: int = 0) -> None:
-    """Run optimizer steps ``start_step .. cfg.train.max_steps - 1``.
+          save: Callable[[Progress], None], progress: Progress, stop: StopRequest) -> int:
+    """Run optimizer steps ``progress.step + 1 .. cfg.train.max_steps``; return 0, or the number of the signal
+    that stopped the run early (after a checkpoint of the last finished step was saved).
 
     Loss normalisation: each step minimises (sum of token losses over the *global* batch) / (label tokens in
     the global batch), whatever the split into ranks and accumulation micro-batches. So ZeRO stages, world
     sizes and ``grad_accum`` settings with the same global batch give the same updates, and long and short
     samples weigh per token (not per micro-batch) as they would in one big batch.
+
+    Non-finite steps: a NaN/inf loss is turned into NaN gradients (no extra CPU-GPU sync), which DeepSpeed's
+    ZeRO optimizers detect and skip without touching weights or Adam state; under ZeRO-0 the loop drops the
+    gradients itself. The schedule still advances, as it does for the data: step N always means batch N.
     """
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
     world, n = info.world_size, len(samples)
     clock = Stopwatch()
     engine.train()
-    for step in range(start_step, cfg.train.max_steps):
+    consecutive_bad = 0
+    for step in range(progress.step, cfg.train.max_steps):
         t0 = time.perf_counter()
+        done = step + 1
         micro = rank_micro_batches(n, cfg.seed, step, mb, ga, info.rank, world)
         batches = [collate([samples[i] for i in idx], pad_id) for idx in micro]
 
@@ -38,6 +61,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
                               device=info.device)
         label_tokens, tokens = (float(x) for x in dist.all_reduce_sum(counts))  # CPU-GPU sync point
         lrs = dist.current_lrs(engine)  # the lrs this step's update will use (the scheduler moves after it)
+        skipped_before = engine.skipped_steps
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         own_norm = None
@@ -46,27 +70,60 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            if faults.nonfinite(done, info.rank):
+                ce = ce * float("nan")
+            faults.during_step(done, info.rank)
+            # An inf loss can have finite gradients; scaling by NaN makes sure the overflow check sees it.
+            guard = torch.where(torch.isfinite(ce.detach()), 1.0, float("nan"))
             # DeepSpeed averages gradients over ranks; multiplying by the world size turns that average into
             # the sum over ranks, and dividing by the global label count makes it a per-token mean.
-            engine.backward(ce * (world / label_tokens), scale_wrt_gas=False)
+            engine.backward(ce * guard * (world / label_tokens), scale_wrt_gas=False)
             if k == ga - 1:
                 own_norm = dist.grad_norm_if_untracked(engine)  # ZeRO-0 keeps no norm of its own
+                if own_norm is not None and not math.isfinite(own_norm):
+                    dist.drop_gradients(engine)  # ZeRO-0 has no overflow check: no gradient, no update
             engine.step()  # an optimizer step (and scheduler step) only at the accumulation boundary
             loss_sum += ce.detach().double()
         loss = float(dist.all_reduce_sum(loss_sum)) / label_tokens  # CPU-GPU sync point
+        norm = dist.grad_norm(engine, fallback=own_norm)
+        ds_skipped = engine.skipped_steps > skipped_before
+        if ds_skipped:
+            engine.lr_scheduler.step()  # DeepSpeed holds the schedule on a skipped step; keep it on the step count
+        bad = ds_skipped or not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
+        progress.nonfinite_steps += bad
+        consecutive_bad = consecutive_bad + 1 if bad else 0
 
-        done = step + 1
+        progress.step = done
         dt = time.perf_counter() - t0
         reporter.step({
             "step": done,
-            "loss": loss,
+            "loss": loss if math.isfinite(loss) else None,
             "lr_groups": lrs,
-            "grad_norm": dist.grad_norm(engine, fallback=own_norm),
+            "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
             "tokens": int(tokens),
             "label_tokens": int(label_tokens),
             "tokens_per_s": tokens / dt,
-            "elapsed_s": round(clock.elapsed(), 4),
+            "elapsed_s": round(progress.elapsed_s + clock.elapsed(), 4),
             "epoch": done * mb * ga * world / n,
+            "skipped": bad,
+            "nonfinite_steps": progress.nonfinite_steps,
         })
+        if bad and cfg.train.on_nonfinite == "stop":
+            raise RunError(f"step {done}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}); the "
+                           f"update was not applied; stopped because train.on_nonfinite=stop")
+        if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+            raise RunError(f"{consecutive_bad} steps in a row up to step {done} had a non-finite loss or gradient "
+                           f"norm and were skipped; the run is not recovering: lower optim.lr or check the data")
+
+        saved = False
         if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
-            save(done)
+            progress.elapsed_s += clock.lap()
+            save(progress)
+            saved = True
+        signum = dist.max_over_ranks(stop.signum)  # a signal seen by any rank stops every rank after this step
+        if signum:
+            if not saved:
+                progress.elapsed_s += clock.lap()
+                save(progress)
+            return signum
+    return 0

@@ -41,6 +41,11 @@ class Reporter:
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
 
+    def start_at(self, step: int) -> None:
+        """A resumed run: the bar starts at ``step`` of ``total_steps``."""
+        if self._bar is not None:
+            self._bar.update(step)
+
     def print(self, msg: str) -> None:
         if not self.active:
             return
@@ -89,6 +94,12 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def lap(self) -> float:
+        """Seconds since the start or the previous lap; starts a new lap."""
+        now = time.perf_counter()
+        lap, self.start = now - self.start, now
+        return lap
 
 
 def describe_model(model, groups, info, zero_stage: int, offload_device: str, precision: str, optimizer: str,
