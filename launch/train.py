@@ -89,6 +89,8 @@ def main(argv=None) -> None:
             if note:
                 log.print(note)
     ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, info.on_gpu)
+    if resume.universal_needed(point, info.world_size):
+        ds_config["checkpoint"] = {"load_universal": True}  # another world size: see resume.restore
     precision = dist.precision(ds_config, info.on_gpu)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
@@ -115,14 +117,14 @@ def main(argv=None) -> None:
     for line in describe_model(model, groups, info, dist.zero_stage(ds_config), offload, precision, kind,
                                dist.local_numel):
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
-    engine, _ = dist.initialize(model, optimizer, lr_lambda, ds_config)
+    engine, group_settings = dist.initialize(model, optimizer, lr_lambda, ds_config)
 
     # 4. Only now, with every input accepted, does output_dir receive (or continue) a run; then train,
     #    checkpointing every train.save_every steps, at the end, and when a signal stops the run.
     checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config, point.step if point else None)
     progress = Progress()
     if point and point.directory:
-        log.print(resume.restore(engine, point, info.rank, info.world_size, lr_lambda))
+        log.print(resume.restore(engine, point, output_dir, info.rank, info.world_size, lr_lambda, group_settings))
         progress = Progress(point.step, point.state["nonfinite_steps"], point.state["elapsed_s"])
         log.start_at(point.step)
     run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), precision, len(samples),

@@ -17,6 +17,7 @@
           config.yaml             the recipe that produced it
           manifest.json           size and sha256 of every file above; written last: no manifest, no checkpoint
         .step-<N>.tmp/            a save in progress (or one a crash interrupted: never read, removed on resume)
+        .universal-step-<N>/      step-<N> converted for another world size while a resume loads it
         step-<N>.damaged/         a checkpoint that failed verification, set aside by resume (never deleted)
 
 A save writes everything under ``.step-<N>.tmp``, records sizes and hashes in ``manifest.json``, fsyncs, renames
@@ -257,6 +258,8 @@ def find_resume_point(output_dir: Path) -> ResumePoint:
     for tmp in sorted(root.glob(".step-*.tmp")) if root.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
         point.notes.append(f"removed {tmp.name}: a save that was interrupted before it was sealed")
+    for tmp in sorted(root.glob(".universal-step-*")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion for an earlier resume; made again when needed
     for step, path in sealed_steps(output_dir):
         reason = verify(path)
         if reason is None:

@@ -273,18 +273,23 @@ def initialize(model, optimizer, lr_lambda, ds_config: dict):
 
     The scheduler is passed as a callable, so DeepSpeed builds it on the optimizer it actually kept: no stale
     per-group base lrs if DeepSpeed ever rearranged the groups (FACTS.md; DeepSpeedExamples PR 756).
+
+    Returns:
+        The engine, and each group's settings (everything but its tensors) as DeepSpeed holds them now, for
+        :func:`check_groups` after a load.
     """
     import deepspeed
     import torch
 
     before = [(g["name"], g["lr"]) for g in optimizer.param_groups]
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     after = [(g.get("name"), g.get("initial_lr")) for g in optimizer_param_groups(engine)]
     # DeepSpeed must not have dropped, merged or re-ordered a group, nor changed a base lr.
     assert after == before, f"DeepSpeed changed the LoRA+ param groups: {before} -> {after}"
-    return engine, scheduler
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer_param_groups(engine)]
+    return engine, json.loads(json.dumps(settings))  # a deep copy (settings are numbers, strings and lists)
 
 
 def optimizer_param_groups(engine) -> list[dict]:
@@ -356,6 +361,54 @@ def load_engine_state(engine, directory: Path, tag: str) -> dict:
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / tag}")
     return client_state or {}
+
+
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Convert a DeepSpeed checkpoint into DeepSpeed's world-size-independent "universal" layout (one folder of
+    fp32 weights and Adam moments per parameter), which any number of ranks can load. Rank 0 only.
+
+    ``--inject_missing_state``: ZeRO-1/2 checkpoints written by ``save_checkpoint`` lack the layout metadata the
+    converter wants; the flag fills it in (without it: "Required universal_checkpoint_info state is missing").
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out_dir), "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {tail[0]}")
+
+
+def load_universal_state(engine, directory: Path, tag: str, settings: list[dict]) -> None:
+    """Load a universal checkpoint (the engine was built with ``checkpoint.load_universal``) and repair what
+    DeepSpeed 0.19.8 gets wrong under ZeRO-3, measured on this pipeline:
+
+    - ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` copies group 0's settings into every group: every
+      group is then named ``lora_A`` with lr_A, so the first resumed step would train B at A's lr (LoRA+ off);
+    - it stores one ``step`` tensor object in every group's Adam state, so AdamW counts each step once per group
+      and the bias correction drifts.
+
+    Each group gets back the settings it had after ``deepspeed.initialize``, and each Adam state its own step.
+    """
+    import torch
+
+    load_engine_state(engine, directory, tag)
+    for group, saved in zip(optimizer_param_groups(engine), settings):
+        group.update(json.loads(json.dumps(saved)))
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None) or opt
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def check_groups(engine, settings: list[dict]) -> None:
+    """After a load: the groups are still ours, by name and base lr (the LoRA+ ratio survived)."""
+    now = [(g.get("name"), g.get("initial_lr")) for g in optimizer_param_groups(engine)]
+    built = [(s.get("name"), s.get("initial_lr")) for s in settings]
+    assert now == built, f"loading the checkpoint changed the LoRA+ param groups: {built} -> {now}"
 
 
 def set_schedule_position(engine, lr_lambda) -> None:

@@ -11,9 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, ConfigError, make_config, to_dict
 from pipeline.errors import UserError
 
 # Settings that may change between starts: where and how long to run, how often to save, and how the (same)
@@ -42,10 +40,10 @@ def check_same_experiment(output_dir: Path, cfg: Config) -> None:
         raise UserError(f"output_dir {output_dir} holds files of a run but no config.yaml, so it cannot be "
                         f"resumed; pass --overwrite to delete them and start again, or choose another output_dir=...")
     try:
-        saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    except yaml.YAMLError:
-        raise UserError(f"{saved_path} is not valid YAML, so the run cannot be resumed; pass --overwrite to "
-                        f"start again, or choose another output_dir=...") from None
+        saved = _flat(to_dict(make_config(saved_path)))
+    except ConfigError as e:
+        raise UserError(f"the run in output_dir {output_dir} cannot be resumed: {e}; pass --overwrite to start "
+                        f"again, or choose another output_dir=...") from None
     new = _flat(to_dict(cfg))
     diffs = [f"{k}: {saved.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(saved) | set(new))
              if k not in MAY_CHANGE and saved.get(k) != new.get(k)]
@@ -97,13 +95,40 @@ def check_compatible(state: dict, zero_stage: int, precision: str, fingerprint: 
                         f"run saw; restore the data, or pass --overwrite to start again")
 
 
-def restore(engine, point, rank: int, world_size: int, lr_lambda) -> str:
-    """Load ``point`` into the built engine (collective) and set this rank's RNG; return a line for the log."""
+def restore(engine, point, output_dir: Path, rank: int, world_size: int, lr_lambda, settings: list[dict]) -> str:
+    """Load ``point`` into the built engine (collective) and set this rank's RNG; return a line for the log.
+
+    On the world size that wrote it, DeepSpeed's own load. On another one (any ZeRO stage), rank 0 converts the
+    checkpoint to DeepSpeed's universal layout first (the engine was built with ``checkpoint.load_universal``,
+    see :func:`universal_needed`) and the groups are repaired after the load (``dist.load_universal_state``).
+    """
+    import shutil
+
     from pipeline import checkpoint
     from pipeline import distributed as dist
+    from pipeline.errors import RunError
 
-    dist.load_engine_state(engine, point.directory, checkpoint.ENGINE_TAG)
+    if not universal_needed(point, world_size):
+        dist.load_engine_state(engine, point.directory, checkpoint.ENGINE_TAG)
+    else:
+        universal = checkpoint.checkpoints_dir(output_dir) / f".universal-{point.directory.name}"
+        error = None
+        if rank == 0:
+            try:
+                shutil.rmtree(universal, ignore_errors=True)
+                dist.to_universal(point.directory / checkpoint.ENGINE_TAG, universal / checkpoint.ENGINE_TAG)
+            except (OSError, RuntimeError) as e:
+                error = str(e)
+        error = dist.first_error(error)
+        if error:
+            raise RunError(f"cannot resume {point.directory.name} on {world_size} ranks: {error}")
+        dist.load_universal_state(engine, universal, checkpoint.ENGINE_TAG, settings)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+    dist.check_groups(engine, settings)
     dist.set_schedule_position(engine, lr_lambda)
+
     rng = checkpoint.read_rng_state(point.directory, rank) if point.state["world_size"] == world_size else None
     if rng is not None:
         checkpoint.set_rng_state(rng)
@@ -116,6 +141,12 @@ def restore(engine, point, rank: int, world_size: int, lr_lambda) -> str:
 
         seed = hash((point.step, rank)) % 2 ** 31
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-        how = f"RNG states re-seeded (saved on {point.state['world_size']} ranks, now {world_size})"
+        how = (f"saved on {point.state['world_size']} ranks, loaded on {world_size} through DeepSpeed's universal "
+               f"checkpoint; RNG states re-seeded")
     return (f"resumed from {point.directory.name} (step {point.step}, epoch {point.state['epoch']:.3f}, "
             f"{point.state['samples_seen']:,} samples seen); {how}")
+
+
+def universal_needed(point, world_size: int) -> bool:
+    """Whether resuming ``point`` needs DeepSpeed's universal checkpoint (a different world size)."""
+    return bool(point and point.directory) and point.state["world_size"] != world_size

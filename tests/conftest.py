@@ -39,15 +39,20 @@ def tiny_model_dir() -> Path:
     return ensure_tiny_model()
 
 
-def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py: through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python."""
+def train_command(args: list[str], nprocs: int = 0, port: int | None = None) -> list[str]:
+    """launch/train.py through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python."""
     if nprocs:
         port = port or random.randint(20000, 40000)
-        cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN), *args]
-    else:
-        cmd = [sys.executable, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN), *args]
+    return [sys.executable, str(TRAIN), *args]
+
+
+def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | None = None,
+              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py to completion (see ``train_command``); ``env`` adds environment variables."""
+    cmd = train_command(args, nprocs, port)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")

@@ -110,8 +110,21 @@ def test_existing_run_is_not_overwritten_without_the_flag(tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     proc = run_train([f"output_dir={out}"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--overwrite" in proc.stderr and "already holds a run" in proc.stderr
+    assert "--overwrite" in proc.stderr and "holds files of a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # the user's work is untouched
+
+
+def test_run_with_another_recipe_is_not_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 1\noptim:\n  lr: 0.5\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_train([f"output_dir={out}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "different recipe" in errors[0] and "optim.lr" in errors[0], proc.stderr[-2000:]
+    assert "--overwrite" in errors[0]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and "lr: 0.5" in (out / "config.yaml").read_text()
 
 
 def test_override_without_equals_sign(tmp_path):
