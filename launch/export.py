@@ -66,30 +66,41 @@ def main(argv=None) -> None:
 
     dist.select_accelerator()  # PEFT imports DeepSpeed when installed; let it find no GPU without guessing
     quiet_library_warnings()
-    from transformers import AutoTokenizer
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        if args.merge:
-            merge(base, adapter, tmp, args.trust_remote_code)
-        else:
-            for f in adapter.iterdir():
-                shutil.copy2(f, tmp / f.name)
-        AutoTokenizer.from_pretrained(base, local_files_only=True,
-                                      trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        (tmp / "export.json").write_text(json.dumps({
-            "checkpoint": str(ckpt), "step": state["step"], "base_model": str(Path(base).resolve()),
-            "merged": args.merge}, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(ckpt, base, adapter, tmp, out, args)
+    except OSError as e:
+        raise UserError(f"could not write {out}: {e.strerror or e}; nothing was left there") from None
+    except Exception as e:  # a full disk under safetensors is a SafetensorError, not an OSError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"could not write {out}: {e}; nothing was left there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     kind = "merged model" if args.merge else "PEFT adapter"
     print(f"exported {ckpt.name} of {ckpt.parent.parent} as a {kind} to {out}")
+
+
+def write(ckpt: Path, base: str, adapter: Path, tmp: Path, out: Path, args) -> None:
+    """Everything into ``tmp``, then one rename to ``out``."""
+    from transformers import AutoTokenizer
+
+    if args.merge:
+        merge(base, adapter, tmp, args.trust_remote_code)
+    else:
+        for f in adapter.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    AutoTokenizer.from_pretrained(base, local_files_only=True,
+                                  trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (tmp / "export.json").write_text(json.dumps({
+        "checkpoint": str(ckpt), "step": state["step"], "base_model": str(Path(base).resolve()),
+        "merged": args.merge}, indent=1) + "\n")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(tmp, out)
 
 
 def merge(base: str, adapter: Path, out: Path, trust_remote_code: bool) -> None:

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     from pipeline.model import check_model_dir
 
     check_model_dir(model_path)
-    output_dir = checkpoint.check_output_dir(cfg.output_dir)
+    output_dir = checkpoint.check_output_dir(cfg.output_dir, args.overwrite)
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     checkpoint.probe_output_dir(output_dir, info.rank)  # fail now, not after loading a 70B model
     point = None
     if continuing:  # rank 0 verifies the checkpoints (hashes every file) and tells the others
-        point = dist.broadcast_object(checkpoint.find_resume_point(output_dir) if info.rank == 0 else None)
+        point = dist.on_rank0(lambda: checkpoint.find_resume_point(output_dir), info.rank)
         for note in point.notes:
             log.print(note)
         if point.step >= cfg.train.max_steps:

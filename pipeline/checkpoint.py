@@ -78,29 +78,31 @@ def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int
             error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
         _raise_if_any(error, step, tmp, output_dir, rank)
 
+        # Rank-0-only phases catch every exception (a full disk surfaces as SafetensorError, too): the other
+        # ranks are waiting to hear how it went.
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         with dist.gathered(trainable, enabled=zero3):
             if rank == 0:
-                error = _attempt(lambda: _save_adapter(peft_model, tmp / "adapter"))
+                error = _attempt(lambda: _save_adapter(peft_model, tmp / "adapter"), Exception)
         _raise_if_any(error, step, tmp, output_dir, rank)
 
-        def engine_and_rng():
-            dist.save_engine_state(engine, tmp, ENGINE_TAG, client_state={"step": step})
-            _write_json(tmp / "rng" / f"rank-{rank}.json", rng_state())
-            faults.during_save(step, rank)
-
-        # torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file").
-        _raise_if_any(_attempt(engine_and_rng, RuntimeError), step, tmp, output_dir, rank)
+        error = dist.save_engine_state(engine, tmp, ENGINE_TAG, client_state={"step": step},
+                                       before_write=lambda: faults.before_write(step, rank))
+        error = error or _attempt(lambda: _write_json(tmp / "rng" / f"rank-{rank}.json", rng_state()))
+        faults.during_save(step, rank)
+        _raise_if_any(error, step, tmp, output_dir, rank)
 
         if rank == 0:
-            error = _attempt(lambda: _seal(tmp, final, cfg, trainer_state))
+            error = _attempt(lambda: _seal(tmp, final, cfg, trainer_state), Exception)
         _raise_if_any(error, step, tmp, output_dir, rank)
     except RunError:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
-        _retain(output_dir, cfg.train.keep_last)
+        error = _attempt(lambda: _retain(output_dir, cfg.train.keep_last), Exception)
+        if error:  # the new checkpoint is sealed; an old one left behind costs only disk
+            print(f"warning: could not delete an old checkpoint (train.keep_last): {error}", flush=True)
     dist.barrier()
     return final
 
@@ -150,6 +152,7 @@ def _seal(tmp: Path, final: Path, cfg: Config, trainer_state: dict) -> None:
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path, fsync=True)}
     _write_json(tmp / MANIFEST, {"format": 1, "files": files})
+    _sha256(tmp / MANIFEST, fsync=True)
     _fsync_dir(tmp)
     if final.exists():  # the same step, written before a resume from an older checkpoint: replace it
         old = final.with_name(f".{final.name}.old")
@@ -160,10 +163,14 @@ def _seal(tmp: Path, final: Path, cfg: Config, trainer_state: dict) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-    pointer = final.parent / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, final.parent / "latest")
-    _fsync_dir(final.parent)
+    _point_latest_at(final)
+
+
+def _point_latest_at(checkpoint: Path) -> None:
+    pointer = checkpoint.parent / ".latest.tmp"
+    pointer.write_text(checkpoint.name + "\n")
+    os.replace(pointer, checkpoint.parent / "latest")
+    _fsync_dir(checkpoint.parent)
 
 
 def _retain(output_dir: Path, keep_last: int) -> None:
@@ -251,21 +258,36 @@ class ResumePoint:
 
 
 def find_resume_point(output_dir: Path) -> ResumePoint:
-    """Rank 0, on a run being continued: remove interrupted saves, set aside damaged checkpoints, and return
-    the newest checkpoint whose files all match their manifest."""
+    """Rank 0, on a run being continued: the newest checkpoint whose files all match their manifest.
+
+    Then, and only then, interrupted saves are removed, newer damaged checkpoints are set aside as
+    ``step-<N>.damaged`` and ``latest`` names the chosen one. If checkpoints exist and none verifies, nothing is
+    changed and the start is refused: restarting from step 0 would cut back ``metrics.jsonl``.
+
+    Raises:
+        UserError: checkpoints exist but none verifies.
+    """
     point = ResumePoint()
     root = checkpoints_dir(output_dir)
-    for tmp in sorted(root.glob(".step-*.tmp")) if root.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
-        point.notes.append(f"removed {tmp.name}: a save that was interrupted before it was sealed")
-    for tmp in sorted(root.glob(".universal-step-*")) if root.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)  # a conversion for an earlier resume; made again when needed
-    for step, path in sealed_steps(output_dir):
+    damaged = []
+    steps = sealed_steps(output_dir)
+    for step, path in steps:
         reason = verify(path)
         if reason is None:
             point.directory = path
             point.state = json.loads((path / "trainer_state.json").read_text())
             break
+        damaged.append((path, reason))
+    if steps and point.directory is None:
+        listed = "; ".join(f"{p.name}: {r}" for p, r in damaged)
+        raise UserError(f"no checkpoint in {root} can be resumed ({listed}); nothing was changed; restore a good "
+                        f"checkpoint there, or pass --overwrite to delete the run and start again")
+    for tmp in sorted(root.glob(".step-*.tmp")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        point.notes.append(f"removed {tmp.name}: a save that was interrupted before it was sealed")
+    for tmp in sorted(root.glob(".universal-step-*")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion for an earlier resume; made again when needed
+    for path, reason in damaged:
         aside = path.with_name(f"{path.name}.damaged")
         n = 1
         while aside.exists():
@@ -273,6 +295,8 @@ def find_resume_point(output_dir: Path) -> ResumePoint:
             aside = path.with_name(f"{path.name}.damaged{n}")
         os.replace(path, aside)
         point.notes.append(f"skipped {path.name}: {reason}; moved it to {aside.name}")
+    if point.directory is not None and latest_name(output_dir) != point.directory.name:
+        _point_latest_at(point.directory)
     return point
 
 
@@ -280,40 +304,68 @@ def find_resume_point(output_dir: Path) -> ResumePoint:
 # Starting or continuing a run in output_dir
 
 
+LOCK = ".lock"
+_held_lock: int | None = None  # rank 0's open lock file, held for the life of the process
+
+
 def holds_run(output_dir: Path) -> bool:
     return output_dir.is_dir() and any((output_dir / a).exists() for a in RUN_ARTIFACTS)
 
 
-def check_output_dir(path: str) -> Path:
-    """``output_dir`` resolved; refused if it is a file. Reads only."""
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    """``output_dir`` resolved. Reads only.
+
+    Raises:
+        UserError: it is a file; or it is a non-empty directory that holds no run and ``overwrite`` is false.
+    """
     out = Path(path).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a directory")
+    if out.is_dir() and not overwrite and not holds_run(out):
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(".write-test-"))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UserError(f"output_dir {out} is not empty ({shown}) and holds no run; choose a new or empty "
+                            f"directory, or pass --overwrite to start a run there (only a run's own files are ever "
+                            f"deleted)")
     return out
 
 
 def probe_output_dir(out: Path, rank: int) -> None:
-    """Rank 0 creates ``out`` and checks it can write there; every rank learns the outcome, so an unwritable
-    directory fails everywhere at once with one message. Writes nothing that stays. Collective."""
-    error = None
-    if rank == 0:
+    """Rank 0 creates ``out``, checks it can write there, and locks it against a second run started on it (a
+    ``flock`` held until the process ends). Every rank learns the outcome, so an unwritable or busy directory
+    fails everywhere at once with one message. Collective."""
+
+    def probe() -> None:
+        global _held_lock
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
+            fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR)
         except OSError as e:
-            error = f"output_dir {out} is not writable ({e.strerror or e}); choose another output_dir=..."
-    error = dist.broadcast_object(error)
-    if error:
-        raise UserError(error)
+            raise UserError(f"output_dir {out} is not writable ({e.strerror or e}); choose another "
+                            f"output_dir=...") from None
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"output_dir {out} is in use by another run (it holds {out / LOCK}); wait for that "
+                            f"run to end, or choose another output_dir=...") from None
+        _held_lock = fd
+
+    dist.on_rank0(probe, rank)
 
 
 def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict, resume_step: int | None) -> None:
     """Once every input has been accepted: with ``--overwrite`` clear the previous run; when continuing one,
     cut ``metrics.jsonl`` back to the resumed step (later rows are recomputed); write the resolved
     ``config.yaml`` and ``deepspeed_config.json``. Collective."""
-    if rank == 0:
+
+    def start() -> None:
         if overwrite:
             for name in RUN_ARTIFACTS:
                 target = out / name
@@ -325,7 +377,8 @@ def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dic
             truncate_metrics(out / "metrics.jsonl", resume_step)
         save_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    dist.barrier()
+
+    dist.on_rank0(start, rank)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -89,6 +89,11 @@ def read_ds_json(path: Path) -> dict[str, Any]:
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3")
+    # DeepSpeed skips a step with NaN/inf gradients only while these are on; off, a NaN update is applied.
+    for section, key in (("zero_optimization", "compute_grad_norm"), ("bf16", "check_grad_overflow")):
+        if isinstance(ds.get(section), dict) and ds[section].get(key) is False:
+            raise ConfigError(f"{path}: {section}.{key} is false, which turns off DeepSpeed's check for NaN/inf "
+                              f"gradients, so a non-finite step would poison the weights; remove it")
     return ds
 
 
@@ -207,6 +212,25 @@ def all_reduce_sum(t):
 
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def on_rank0(fn, rank: int):
+    """``fn()`` on rank 0 only, its result given to every rank. An exception there is raised on every rank
+    (a :class:`UserError` as itself, anything else as a :class:`RunError`), so no rank waits for one that died."""
+    from pipeline.errors import RunError, UserError
+
+    result = error = None
+    if rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001
+            error = RunError(f"{type(e).__name__}: {e}")
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def max_over_ranks(value: int) -> int:
@@ -342,11 +366,34 @@ def gathered(params, enabled: bool):
         yield
 
 
-def save_engine_state(engine, directory: Path, tag: str, client_state: dict) -> None:
+def save_engine_state(engine, directory: Path, tag: str, client_state: dict, before_write=None) -> str | None:
     """DeepSpeed's own checkpoint of optimizer/scheduler/trainable weights (frozen base weights excluded), in
-    ``directory/tag``. Collective: every rank must call it."""
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    ``directory/tag``. Collective: every rank must call it.
+
+    Returns this rank's first write error, or ``None``. A failed write is recorded rather than raised: DeepSpeed
+    writes some files on rank 0 alone and then waits in a barrier, so an exception there would leave the other
+    ranks waiting forever. ``before_write`` runs before each file (fault injection).
+    """
+    writer = engine.checkpoint_engine
+    errors: list[str] = []
+
+    def guarded_save(*args, **kwargs):
+        if errors:
+            return
+        try:
+            if before_write:
+                before_write()
+            type(writer).save(writer, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (reported to every rank by the caller)
+            errors.append(f"{getattr(e, 'strerror', None) or e}")
+
+    writer.save = guarded_save
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+    finally:
+        del writer.save  # back to the class's method
+    return errors[0] if errors else None
 
 
 def load_engine_state(engine, directory: Path, tag: str) -> dict:

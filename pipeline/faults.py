@@ -6,7 +6,8 @@
 - ``nonfinite``: rank 0's loss at these steps becomes NaN (before backward), as a diverging batch would.
 - ``save-kill``: rank 0 is SIGKILLed in the middle of saving this step's checkpoint (after DeepSpeed wrote its
   files, before the checkpoint is sealed), as a node loss or an out-of-memory kill would.
-- ``save-enospc``: writing this step's checkpoint fails on every rank with "No space left on device".
+- ``save-enospc``: rank 0's first DeepSpeed file of this step's checkpoint fails with "No space left on device"
+  (on rank 0 alone, the case where the other ranks must not be left waiting).
 - ``sigterm``: rank 0 sends itself SIGTERM in the middle of this step, as ``scancel`` or a preemption would
   (at a known step, so a test can compare with an uninterrupted run).
 
@@ -38,8 +39,11 @@ def during_step(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def before_write(step: int, rank: int) -> None:
+    if rank == 0 and step in _steps("save-enospc"):
+        raise OSError(errno.ENOSPC, "No space left on device (injected by LORAPLUS_FAULT)")
+
+
 def during_save(step: int, rank: int) -> None:
     if rank == 0 and step in _steps("save-kill"):
         os.kill(os.getpid(), signal.SIGKILL)
-    if step in _steps("save-enospc"):
-        raise OSError(errno.ENOSPC, "No space left on device (injected by LORAPLUS_FAULT)")

@@ -49,6 +49,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
     clock = Stopwatch()
     engine.train()
     consecutive_bad = 0
+    fp16 = engine.fp16_enabled()
     for step in range(progress.step, cfg.train.max_steps):
         t0 = time.perf_counter()
         done = step + 1
@@ -89,7 +90,15 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         ds_skipped = engine.skipped_steps > skipped_before
         if ds_skipped:
             engine.lr_scheduler.step()  # DeepSpeed holds the schedule on a skipped step; keep it on the step count
-        bad = ds_skipped or not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
+        nonfinite = not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
+        if fp16:  # a loss-scale overflow is routine in fp16: skipped, but not a non-finite step
+            bad = not math.isfinite(loss)
+        else:
+            bad = nonfinite or ds_skipped
+        if bad and not ds_skipped and own_norm is None:
+            # Only possible if DeepSpeed's overflow check was off (read_ds_json refuses the keys that do that).
+            raise RunError(f"step {done}: non-finite loss, and DeepSpeed applied the update anyway; the weights "
+                           f"may now hold NaN; resume from the newest checkpoint, which predates this step")
         progress.nonfinite_steps += bad
         consecutive_bad = consecutive_bad + 1 if bad else 0
 
@@ -105,7 +114,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             "tokens_per_s": tokens / dt,
             "elapsed_s": round(progress.elapsed_s + clock.elapsed(), 4),
             "epoch": done * mb * ga * world / n,
-            "skipped": bad,
+            "skipped": bad or ds_skipped,
             "nonfinite_steps": progress.nonfinite_steps,
         })
         if bad and cfg.train.on_nonfinite == "stop":

@@ -58,15 +58,20 @@ class Reporter:
         """Record one optimizer step: a JSONL row, and a bar update (or a log line every ~5% off a TTY)."""
         if not self.active:
             return
-        self._losses.append(row["loss"])
+        if row["loss"] is not None:
+            self._losses.append(row["loss"])
         if self._file is None and self._path is not None:
             self._file = open(self._path, "a", encoding="utf-8")
         if self._file:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         lrs = row["lr_groups"]
-        summary = (f"loss {row['loss']:.4f}  lr_A {lrs.get('lora_A', float('nan')):.2e}  "
+        loss = "skipped" if row["skipped"] else f"{row['loss']:.4f}"
+        summary = (f"loss {loss}  lr_A {lrs.get('lora_A', float('nan')):.2e}  "
                    f"lr_B {lrs.get('lora_B', float('nan')):.2e}  {row['tokens_per_s']:,.0f} tok/s")
+        if row["skipped"]:
+            self.print(f"step {row['step']}: non-finite loss or gradients (loss {row['loss']}, grad norm "
+                       f"{row['grad_norm']}); update skipped ({row['nonfinite_steps']} so far)")
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(summary, refresh=False)

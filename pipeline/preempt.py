@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 REPEAT_S = 2.0
@@ -41,8 +40,8 @@ class StopRequest:
         now = time.monotonic()
         if not self.signum:
             self.signum, self._first_at = signum, now
-            if self._announce:
-                print(f"\nreceived {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                      f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+            if self._announce:  # os.write, not print: the main thread may be inside a write to stderr right now
+                os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                            f"(send it again to abort without saving)\n".encode())
         elif now - self._first_at >= REPEAT_S:
             os._exit(128 + signum)

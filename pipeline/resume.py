@@ -141,12 +141,14 @@ def restore(engine, point, output_dir: Path, rank: int, world_size: int, lr_lamb
 
         seed = hash((point.step, rank)) % 2 ** 31
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-        how = (f"saved on {point.state['world_size']} ranks, loaded on {world_size} through DeepSpeed's universal "
-               f"checkpoint; RNG states re-seeded")
+        via = "through DeepSpeed's universal checkpoint" if universal_needed(point, world_size) else "directly"
+        how = f"saved on {point.state['world_size']} ranks, loaded on {world_size} {via}; RNG states re-seeded"
     return (f"resumed from {point.directory.name} (step {point.step}, epoch {point.state['epoch']:.3f}, "
             f"{point.state['samples_seen']:,} samples seen); {how}")
 
 
 def universal_needed(point, world_size: int) -> bool:
-    """Whether resuming ``point`` needs DeepSpeed's universal checkpoint (a different world size)."""
-    return bool(point and point.directory) and point.state["world_size"] != world_size
+    """Whether resuming ``point`` needs DeepSpeed's universal checkpoint: a different world size under ZeRO 1-3
+    (ZeRO-0 keeps whole optimizer state, which loads on any world size)."""
+    return (bool(point and point.directory) and point.state["world_size"] != world_size
+            and point.state["zero_stage"] != 0)

@@ -127,6 +127,24 @@ def test_run_with_another_recipe_is_not_resumed_or_overwritten(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and "lr: 0.5" in (out / "config.yaml").read_text()
 
 
+def test_non_empty_directory_without_a_run_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = run_train([f"output_dir={out}"], check=False)
+    assert_refused(proc, out, "not empty", "notes.txt", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("section,key", [("zero_optimization", "compute_grad_norm"), ("bf16", "check_grad_overflow")])
+def test_deepspeed_json_that_turns_off_the_overflow_check(tmp_path, section, key):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, section: {key: False}}))
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", "--deepspeed_config", str(ds)], check=False)
+    assert_refused(proc, out, f"{section}.{key}", "NaN")
+
+
 def test_override_without_equals_sign(tmp_path):
     out = tmp_path / "o"
     proc = run_train([f"output_dir={out}", "train.max_steps"], check=False)

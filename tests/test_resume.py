@@ -214,6 +214,7 @@ def test_damaged_checkpoints_are_skipped_with_the_reason(root, tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    # The write fails on rank 0 alone, inside DeepSpeed's save: the other rank must not be left waiting.
     out = tmp_path / "run"
     proc = run_train(args("zero2", out), nprocs=2, check=False, env={"LORAPLUS_FAULT": "save-enospc@8"})
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
@@ -223,14 +224,43 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):
     assert checkpoint.verify(out / "checkpoints" / "step-4") is None
 
 
+def test_no_verifiable_checkpoint_is_refused_and_nothing_changes(root, tmp_path):
+    reference(root, "zero2")
+    out = tmp_path / "run"
+    shutil.copytree(_REFS["zero2"], out)
+    for manifest in (out / "checkpoints").glob("step-*/manifest.json"):
+        manifest.unlink()  # as a save that never finished, or a checkpoint of an older version
+    before = sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "metrics.jsonl").read_text()
+    proc = run_train(args("zero2", out), check=False)
+    [line] = error_lines(proc)
+    assert proc.returncode == 2 and "no checkpoint" in line and "step-12: no manifest.json" in line
+    assert "--overwrite" in line and "Traceback" not in proc.stderr
+    assert (sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_a_run_in_progress_locks_its_output_dir(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as rank 0 of a running job does
+        proc = run_train(args("zero0", out), check=False)
+    [line] = error_lines(proc)
+    assert proc.returncode == 2 and "in use by another run" in line
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Non-finite steps
 
 
-def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, stage):
     out = tmp_path / "run"
-    run_train(args("zero2", out, "train.max_steps=5", "train.save_every=1"), nprocs=2,
-              env={"LORAPLUS_FAULT": "nonfinite@3"})
+    proc = run_train(args(stage, out, "train.max_steps=5", "train.save_every=1"), nprocs=2,
+                     env={"LORAPLUS_FAULT": "nonfinite@3"})
+    assert "step 3: non-finite loss or gradients" in proc.stdout and "update skipped (1 so far)" in proc.stdout
     rows = read_metrics(out)
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
     assert rows[2]["loss"] is None and [r["nonfinite_steps"] for r in rows] == [0, 0, 1, 1, 1]
@@ -316,7 +346,7 @@ def checkpoint_at_8(root: Path, stage: str, dest: Path) -> tuple[Path, list[dict
     return dest, read_metrics(_REFS[key])
 
 
-@pytest.mark.parametrize("stage,world", [("zero1", 1), ("zero2", 4), ("zero3", 1), ("zero3", 4)])
+@pytest.mark.parametrize("stage,world", [("zero0", 1), ("zero1", 1), ("zero2", 4), ("zero3", 1), ("zero3", 4)])
 def test_resume_on_another_world_size(root, tmp_path, stage, world):
     out, ref = checkpoint_at_8(root, stage, tmp_path / "run")
     extra = [NO_DROPOUT]
@@ -326,7 +356,8 @@ def test_resume_on_another_world_size(root, tmp_path, stage, world):
         assert proc.returncode == 2 and "global batch of 4" in line and "train.micro_batch_size=1" in line
         extra.append("train.micro_batch_size=1")
     proc = run_train(args(stage, out, *extra), nprocs=world)
-    assert "resumed from step-8" in proc.stdout and "universal checkpoint" in proc.stdout
+    via = "directly" if stage == "zero0" else "through DeepSpeed's universal checkpoint"  # ZeRO-0 state is whole
+    assert "resumed from step-8" in proc.stdout and f"loaded on {world} {via}" in proc.stdout
     if world == 1:
         assert "train.grad_accum 1 -> 2 keeps the global batch of 4" in proc.stdout
     rows = read_metrics(out)
