@@ -342,10 +342,22 @@ def grad_norm_if_untracked(engine) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def drop_gradients(engine) -> None:
-    """Forget this step's gradients (ZeRO-0): the optimizer then leaves every parameter and its state alone."""
+@contextlib.contextmanager
+def without_update(engine, enabled: bool):
+    """ZeRO-0 (no overflow check of its own): around the boundary ``engine.step()``, forget the step's gradients,
+    so the optimizer leaves every parameter and its Adam state alone; the scheduler still steps. Clipping is off
+    for that step (DeepSpeed's ``clip_grad_norm_`` fails on a model with no gradient)."""
+    if not enabled:
+        yield
+        return
     for p in engine.module.parameters():
         p.grad = None
+    clip = engine._config.gradient_clipping
+    engine._config.gradient_clipping = 0.0
+    try:
+        yield
+    finally:
+        engine._config.gradient_clipping = clip
 
 
 def grad_norm(engine, fallback: float | None = None) -> float | None:

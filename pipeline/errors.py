@@ -35,6 +35,18 @@ def exit_on_user_error(main):
         except UserError as e:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)
+            _leave_process_group()
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group, if one was started, before exiting on an error: left to interpreter
+    shutdown, gloo's threads can abort the process ("terminate called without an active exception"), which
+    turns a clean exit status into a crash."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

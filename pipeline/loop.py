@@ -66,6 +66,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         own_norm = None
+        drop = False
         for k, b in enumerate(batches):
             b = {key: v.to(info.device) for key, v in b.items()}
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -81,9 +82,9 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             engine.backward(ce * guard * (world / label_tokens), scale_wrt_gas=False)
             if k == ga - 1:
                 own_norm = dist.grad_norm_if_untracked(engine)  # ZeRO-0 keeps no norm of its own
-                if own_norm is not None and not math.isfinite(own_norm):
-                    dist.drop_gradients(engine)  # ZeRO-0 has no overflow check: no gradient, no update
-            engine.step()  # an optimizer step (and scheduler step) only at the accumulation boundary
+                drop = own_norm is not None and not math.isfinite(own_norm)  # ZeRO-0 has no overflow check
+            with dist.without_update(engine, enabled=drop):
+                engine.step()  # an optimizer step (and scheduler step) only at the accumulation boundary
             loss_sum += ce.detach().double()
         loss = float(dist.all_reduce_sum(loss_sum)) / label_tokens  # CPU-GPU sync point
         norm = dist.grad_norm(engine, fallback=own_norm)

@@ -70,8 +70,8 @@ class Reporter:
         summary = (f"loss {loss}  lr_A {lrs.get('lora_A', float('nan')):.2e}  "
                    f"lr_B {lrs.get('lora_B', float('nan')):.2e}  {row['tokens_per_s']:,.0f} tok/s")
         if row["skipped"]:
-            self.print(f"step {row['step']}: non-finite loss or gradients (loss {row['loss']}, grad norm "
-                       f"{row['grad_norm']}); update skipped ({row['nonfinite_steps']} so far)")
+            self.print(f"step {row['step']}: non-finite loss or gradients; update skipped "
+                       f"({row['nonfinite_steps']} so far)")
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(summary, refresh=False)
