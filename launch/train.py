@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     from pipeline.metrics import Reporter, Stopwatch, describe_model
     from pipeline.model import load_model, load_tokenizer
     from pipeline.preempt import StopRequest
+    from pipeline.scorer import BackgroundScorer
 
     dist.set_single_process_defaults()
     info = dist.init()
@@ -130,10 +131,13 @@ def main(argv=None) -> None:
     run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), precision, len(samples),
                                      data_id)
 
+    scorer = BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0)
+
     def save(p: Progress) -> None:
         clock = Stopwatch()
         checkpoint.save(engine, model, cfg, output_dir, p.step, info.rank, zero3, run_facts(p))
         log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
+        scorer.checkpoint_saved()
 
     with StopRequest(announce=info.rank == 0) as stop:
         signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop)
@@ -144,6 +148,9 @@ def main(argv=None) -> None:
         sys.exit(128 + signum)
     log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {output_dir / 'checkpoints'}")
+    if scorer.active:
+        log.print("scoring the checkpoints on MMLU (eval.mmlu; eval.mmlu.every_checkpoint=false turns this off)...")
+        log.print(scorer.finish() or "")
     log.close()
 
 

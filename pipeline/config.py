@@ -192,6 +192,38 @@ class TrainConfig:
 
 
 @dataclass
+class MmluEvalConfig:
+    """MMLU scoring of checkpoints while the run trains (lm-evaluation-harness; see ``eval/``)."""
+
+    every_checkpoint: bool = True
+    """Score each checkpoint after it is saved, in a background process started by rank 0 (training does not
+    wait); the run ends by printing the table."""
+    data: str = "sample"
+    """A local cais/mmlu copy (hub or CSV layout), or ``sample`` (the bundled stand-in, for the tiny default)."""
+    num_fewshot: int = 5
+    """Shots per question, from each subject's dev split."""
+    limit: int = 0
+    """Score only the first K questions of each subject (0: all)."""
+    batch_size: str = "auto"
+    """lm-eval batch size: a number or ``auto``."""
+    device: str = "cpu"
+    """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_fewshot >= 0, "eval.mmlu.num_fewshot", f"must be >= 0; got {self.num_fewshot}")
+        _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
+        _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
+               f"must be a number or 'auto'; got {self.batch_size!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of checkpoints."""
+
+    mmlu: MmluEvalConfig = field(default_factory=MmluEvalConfig)
+
+
+@dataclass
 class Config:
     """A whole training recipe."""
 
@@ -208,6 +240,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir", "must not be empty")

@@ -35,16 +35,17 @@ def exit_on_user_error(main):
         except UserError as e:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)
-            _leave_process_group()
             sys.exit(e.exit_code)
+        finally:
+            _leave_process_group()
 
     return wrapper
 
 
 def _leave_process_group() -> None:
-    """Tear down the process group, if one was started, before exiting on an error: left to interpreter
-    shutdown, gloo's threads can abort the process ("terminate called without an active exception"), which
-    turns a clean exit status into a crash."""
+    """Tear down the process group, if one was started, before the process exits (normally, on an error or on a
+    signal): left to interpreter shutdown, gloo's threads can abort the process ("terminate called without an
+    active exception"), which turns a clean exit status into a crash."""
     import sys
 
     dist = sys.modules.get("torch.distributed")

@@ -40,7 +40,10 @@ def tiny_model_dir() -> Path:
 
 
 def train_command(args: list[str], nprocs: int = 0, port: int | None = None) -> list[str]:
-    """launch/train.py through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python."""
+    """launch/train.py through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python. MMLU scoring
+    at checkpoints is off unless the arguments turn it on (it has tests of its own)."""
+    if not any(a.startswith("eval.mmlu.every_checkpoint=") for a in args):
+        args = [*args, "eval.mmlu.every_checkpoint=false"]
     if nprocs:
         port = port or random.randint(20000, 40000)
         return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN), *args]

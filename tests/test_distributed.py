@@ -185,8 +185,8 @@ def test_embedded_default_end_to_end(tmp_path):
     assert sum(r["loss"] for r in rows[-3:]) / 3 < rows[0]["loss"], "loss did not fall"
     assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
     # checkpoints every 5 steps and at the end
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["step-10", "step-12", "step-5"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-10", "step-12", "step-5"] and (out / "checkpoints" / "latest").read_text() == "step-12\n"
     for name in ckpts:
         adapter = out / "checkpoints" / name / "adapter"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

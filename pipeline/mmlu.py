@@ -1,0 +1,198 @@
+"""MMLU data on disk: the subjects lm-eval's ``mmlu`` task scores, checking a local copy, reading the CSV release,
+and the small sample this project ships. Scoring itself is lm-eval's (``pipeline/evaluate.py``).
+
+Layouts accepted for ``--mmlu-data``:
+
+- the Hugging Face hub layout of ``cais/mmlu``: ``<subject>/{dev,validation,test}-00000-of-00001.parquet`` and a
+  ``README.md`` whose YAML front matter lists each subject under ``configs:`` (columns ``question``, ``subject``,
+  ``choices`` (4 strings), ``answer`` (0-3));
+- the original CSV release: ``data/dev/<subject>_dev.csv`` and ``data/test/<subject>_test.csv`` (no header;
+  question, 4 choices, answer letter), converted once into the hub layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+SPLITS = ("dev", "validation", "test")
+SAMPLE = Path(__file__).resolve().parent / "assets" / "mmlu_sample"
+HOW_TO_GET = ("get the data with `huggingface-cli download cais/mmlu --repo-type dataset --local-dir DIR` on a "
+              "machine with network access (or the CSV release, https://people.eecs.berkeley.edu/~hendrycks/data.tar)"
+              " and pass --mmlu-data DIR; --mmlu-data sample scores the small bundled sample; --hub reads cais/mmlu "
+              "from the Hugging Face hub")
+
+
+class MmluDataError(UserError):
+    pass
+
+
+def subjects() -> dict[str, str]:
+    """Subject -> category (stem, humanities, social_sciences, other), as lm-eval's ``mmlu`` task defines them."""
+    import lm_eval
+    import yaml
+
+    found = {}
+    for path in sorted((Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default").glob("mmlu_*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        found[spec["dataset_name"]] = spec["tag"].removeprefix("mmlu_").removesuffix("_tasks")
+    return found
+
+
+def resolve(path: str | None, num_fewshot: int, cache: Path) -> Path:
+    """The hub-layout directory to hand lm-eval: ``sample``, a hub-layout copy, or a CSV release (converted into
+    ``cache``). Every subject, split and row is checked first.
+
+    Raises:
+        MmluDataError: no data given, a subject or split missing, a malformed row; the message says where.
+    """
+    if path is None:
+        raise MmluDataError(f"no MMLU data: {HOW_TO_GET}")
+    root = SAMPLE if path == "sample" else Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise MmluDataError(f"--mmlu-data {root} is not a directory; {HOW_TO_GET}")
+    if (root / "data" / "test").is_dir() and (root / "data" / "dev").is_dir():
+        root = _from_csv(root / "data", cache)
+    check(root, num_fewshot)
+    return root
+
+
+def check(root: Path, num_fewshot: int) -> None:
+    """Every subject of lm-eval's ``mmlu`` present in the hub layout, with well-formed rows."""
+    import pyarrow.parquet as pq
+
+    if not (root / "README.md").is_file():
+        raise MmluDataError(f"{root} has no README.md listing the subjects (the hub layout of cais/mmlu); "
+                            f"{HOW_TO_GET}")
+    for subject in subjects():
+        for split in SPLITS:
+            files = sorted((root / subject).glob(f"{split}-*.parquet"))
+            if not files:
+                raise MmluDataError(f"{root}: subject '{subject}' has no {split} split "
+                                    f"({root / subject}/{split}-00000-of-00001.parquet)")
+            for f in files:
+                try:
+                    table = pq.read_table(f)
+                except Exception as e:  # noqa: BLE001  (any unreadable file is the user's to fix)
+                    raise MmluDataError(f"{f}: not a readable parquet file ({e})") from None
+                missing = {"question", "choices", "answer"} - set(table.column_names)
+                if missing:
+                    raise MmluDataError(f"{f}: missing column(s) {', '.join(sorted(missing))}")
+                for i, row in enumerate(table.select(["question", "choices", "answer"]).to_pylist()):
+                    _check_row(row, f"{f} row {i}")
+                if split == "dev" and table.num_rows < num_fewshot:
+                    raise MmluDataError(f"{f}: {table.num_rows} dev rows, fewer than --num-fewshot {num_fewshot}")
+
+
+def _check_row(row: dict, where: str) -> None:
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        raise MmluDataError(f"{where}: empty question")
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        raise MmluDataError(f"{where}: 'choices' must be a list of 4 strings; got {choices!r}")
+    if row["answer"] not in (0, 1, 2, 3):
+        raise MmluDataError(f"{where}: 'answer' must be 0, 1, 2 or 3; got {row['answer']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the hub layout (from the CSV release, or for the bundled sample)
+
+
+def write_hub_layout(rows: dict[str, dict[str, list[dict]]], out: Path) -> None:
+    """``rows[subject][split]`` -> ``out/<subject>/<split>-00000-of-00001.parquet`` + ``out/README.md``.
+    Written under a temporary name and renamed, so a reader never sees half of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    configs = []
+    for subject in sorted(rows):
+        (tmp / subject).mkdir(parents=True)
+        for split in SPLITS:
+            table = pa.table({
+                "question": [r["question"] for r in rows[subject][split]],
+                "subject": [subject] * len(rows[subject][split]),
+                "choices": pa.array([r["choices"] for r in rows[subject][split]], type=pa.list_(pa.string())),
+                "answer": pa.array([r["answer"] for r in rows[subject][split]], type=pa.int64()),
+            })
+            pq.write_table(table, tmp / subject / f"{split}-00000-of-00001.parquet")
+        configs.append(f"- config_name: {subject}\n  data_files:\n" + "".join(
+            f"  - split: {split}\n    path: {subject}/{split}-*\n" for split in SPLITS))
+    (tmp / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _from_csv(data: Path, cache: Path) -> Path:
+    """The CSV release converted into the hub layout under ``cache`` (keyed by the files' sizes and times)."""
+    key = hashlib.sha256(json.dumps(sorted(
+        (str(p.relative_to(data)), p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*.csv")
+    )).encode()).hexdigest()[:16]
+    out = cache / f"mmlu-csv-{key}"
+    if (out / "README.md").is_file():
+        return out
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for subject in subjects():
+        rows[subject] = {}
+        for split, folder in (("dev", "dev"), ("validation", "val"), ("test", "test")):
+            path = data / folder / f"{subject}_{folder}.csv"
+            if not path.is_file():
+                if split == "validation":  # lm-eval's mmlu never reads it
+                    rows[subject][split] = []
+                    continue
+                raise MmluDataError(f"{data}: subject '{subject}' has no {split} file ({path})")
+            rows[subject][split] = _read_csv(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    write_hub_layout(rows, out)
+    return out
+
+
+def _read_csv(path: Path) -> list[dict]:
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, rec in enumerate(csv.reader(f), start=1):
+            if len(rec) != 6 or rec[5].strip() not in ("A", "B", "C", "D"):
+                raise MmluDataError(f"{path}:{n}: expected question, 4 choices and an answer letter A-D; "
+                                    f"got {len(rec)} field(s)")
+            out.append({"question": rec[0], "choices": rec[1:5], "answer": "ABCD".index(rec[5].strip())})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bundled sample: questions this project writes itself, in the hub layout
+
+
+def sample_rows(seed: int = 0, dev: int = 5, test: int = 4) -> dict[str, dict[str, list[dict]]]:
+    """Simple arithmetic and ordering questions, phrased per subject, with seeded answers. Not MMLU's content:
+    a stand-in with MMLU's shape (57 subjects, 4 choices, dev/validation/test) for tests and the default run."""
+    rng = random.Random(seed)
+    out = {}
+    for subject in subjects():
+        topic = subject.replace("_", " ")
+        out[subject] = {}
+        for split, count in (("dev", dev), ("validation", 1), ("test", test)):
+            rows = []
+            for _ in range(count):
+                a, b = rng.randint(2, 60), rng.randint(2, 60)
+                right = a + b
+                wrong = rng.sample([x for x in range(right - 9, right + 10) if x != right and x > 0], 3)
+                choices = [str(x) for x in wrong]
+                answer = rng.randint(0, 3)
+                choices.insert(answer, str(right))
+                rows.append({"question": f"In a {topic} exercise, a count of {a} grows by {b}. What is the "
+                                         f"new count?", "choices": choices, "answer": answer})
+            out[subject][split] = rows
+    return out
+
+
+def write_sample(out: Path = SAMPLE) -> None:
+    write_hub_layout(sample_rows(), out)

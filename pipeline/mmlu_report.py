@@ -1,0 +1,131 @@
+"""A run's MMLU record: ``mmlu.jsonl`` (one row per scored checkpoint), ``mmlu.png`` (accuracy against step
+with stderr bars, training loss on a second axis) and ``mmlu.md`` (a table naming the best checkpoint).
+
+Writers (the in-training scorer, any number of watchers) serialise on an ``flock`` of ``output_dir/.mmlu.lock``:
+a step already in ``mmlu.jsonl`` is never appended twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from pipeline.evaluate import CATEGORIES
+
+
+@contextlib.contextmanager
+def locked(path: Path, blocking: bool = True):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); yields False if busy and not blocking."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    path = output_dir / "mmlu.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def record(output_dir: Path, row: dict) -> bool:
+    """Append ``row`` unless its step is already there, then redraw the plot and the table. True if appended."""
+    with locked(output_dir / ".mmlu.lock"):
+        if any(r["step"] == row["step"] for r in read_rows(output_dir)):
+            return False
+        with open(output_dir / "mmlu.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        redraw(output_dir)
+        return True
+
+
+def redraw(output_dir: Path) -> None:
+    rows = read_rows(output_dir)
+    _atomic_write(output_dir / "mmlu.md", table(rows))
+    plot(rows, _losses(output_dir), output_dir / "mmlu.png")
+
+
+def best(rows: list[dict]) -> dict | None:
+    """The highest accuracy; the earliest step among equals."""
+    return max(rows, key=lambda r: (r["acc"], -r["step"])) if rows else None
+
+
+def table(rows: list[dict]) -> str:
+    head = "| step | MMLU acc | ± stderr | " + " | ".join(c.replace("_", " ") for c in CATEGORIES) + " |\n"
+    head += "|---:|---:|---:|" + "---:|" * len(CATEGORIES) + "\n"
+    top = best(rows)
+    lines = []
+    for r in rows:
+        mark = " **best**" if r is top else ""
+        lines.append(f"| {r['step']}{mark} | {r['acc']:.4f} | {_num(r['acc_stderr'])} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in CATEGORIES) + " |\n")
+    verdict = (f"\nBest checkpoint: **step-{top['step']}** (acc {top['acc']:.4f} ± {_num(top['acc_stderr'])}).\n"
+               if top else "\nNo checkpoint scored yet.\n")
+    return "# MMLU by checkpoint\n\n" + head + "".join(lines) + verdict
+
+
+def _num(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _losses(output_dir: Path) -> list[tuple[int, float]]:
+    path = output_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("loss") is not None:
+                out.append((row["step"], row["loss"]))
+    return out
+
+
+def plot(rows: list[dict], losses: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if rows:
+        ax.errorbar([r["step"] for r in rows], [r["acc"] for r in rows], yerr=[r["acc_stderr"] or 0.0 for r in rows],
+                    marker="o", capsize=3, color="tab:blue", label="MMLU acc")
+        top = best(rows)
+        ax.annotate(f"best: step {top['step']}", (top["step"], top["acc"]), textcoords="offset points",
+                    xytext=(0, 10), ha="center", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MMLU accuracy", color="tab:blue")
+    if losses:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in losses], [v for _, v in losses], color="tab:gray", alpha=0.6, label="train loss")
+        ax2.set_ylabel("training loss", color="tab:gray")
+    ax.set_title("MMLU accuracy by checkpoint")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
