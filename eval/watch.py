@@ -11,6 +11,7 @@ OUTPUT_DIR/mmlu.jsonl and mmlu.png / mmlu.md are redrawn.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,32 +22,60 @@ from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 from pipeline.evaluate import add_eval_args, check_eval_args, evaluate_one  # noqa: E402
 
 
-def pending(run: Path, verified: set[Path]) -> list[Path]:
-    """Sealed, verified checkpoints without a result, oldest first."""
-    from pipeline import checkpoint
+def wanted(args, cache: Path) -> dict:
+    """The setting (data, shots, limit) this watcher scores with, as ``mmlu.json`` records it."""
+    from pipeline.evaluate import data_dir
 
-    out = []
+    data = data_dir(args, cache)
+    return {"data": str(data) if data else "cais/mmlu (hub)", "num_fewshot": args.num_fewshot, "limit": args.limit}
+
+
+def pending(run: Path, verified: set[Path], setting: dict) -> tuple[list[Path], list[dict]]:
+    """Sealed, verified checkpoints without a result for ``setting`` (oldest first), and the results already in
+    ``mmlu.json`` files (recorded again, in case a scorer stopped between writing one and recording it)."""
+    from pipeline import checkpoint, evaluate
+
+    todo, done = [], []
     for _, path in sorted(checkpoint.sealed_steps(run)):
-        if (path / "mmlu.json").is_file():
-            continue
+        try:
+            summary = json.loads((path / "mmlu.json").read_text())
+            if evaluate.setting(summary) == setting:
+                done.append(summary)
+                continue
+        except (OSError, ValueError, KeyError):
+            pass  # no result yet (or one from another setting): score it
         if path not in verified:
             if checkpoint.verify(path) is not None:
                 continue  # being replaced, or damaged: training's resume deals with it
             verified.add(path)
-        out.append(path)
-    return out
+        todo.append(path)
+    return todo, done
 
 
-def score_pending(run: Path, args, cache: Path, verified: set[Path], log=print) -> int:
-    """One pass; returns how many checkpoints were scored."""
+def score_pending(run: Path, args, cache: Path, verified: set[Path], failed: set[Path], log=print) -> int:
+    """One pass; returns how many checkpoints were scored. A checkpoint that fails is reported once and skipped
+    from then on (by this process), so it cannot hold up the ones after it."""
     from pipeline import evaluate, mmlu_report
+    from pipeline.errors import UserError
 
+    setting = wanted(args, cache)
+    todo, done = pending(run, verified, setting)
+    for summary in done:
+        mmlu_report.record(run, evaluate.table_row(summary))
     scored = 0
-    for path in pending(run, verified):
-        with mmlu_report.locked(path.parent / f".{path.name}.mmlu.lock", blocking=False) as mine:
-            if not mine or (path / "mmlu.json").is_file() or not path.is_dir():
-                continue  # another scorer has it, or it is gone (retention)
-            summary = evaluate_one(path, args, cache)
+    for path in todo:
+        if path in failed:
+            continue
+        try:
+            with mmlu_report.locked(path / ".mmlu.lock", blocking=False) as mine:
+                if not mine:
+                    continue  # another scorer has it
+                summary = evaluate_one(path, args, cache)
+        except (UserError, OSError, RuntimeError, ValueError) as e:
+            if path.is_dir():
+                failed.add(path)
+                log(f"{path.name}: not scored: {e}")
+            continue  # else deleted meanwhile (train.keep_last)
         mmlu_report.record(run, evaluate.table_row(summary))
         log(f"{path.name}: MMLU {evaluate.headline(summary)} in {summary['wall_s']:.1f} s")
         scored += 1
@@ -71,9 +100,10 @@ def main(argv=None) -> None:
     if not args.hub:
         mmlu.resolve(args.mmlu_data, args.num_fewshot, cache_dir())  # bad data: fail now, not at the first checkpoint
     verified: set[Path] = set()
+    failed: set[Path] = set()
     try:
         while True:
-            score_pending(run, args, cache_dir(), verified)
+            score_pending(run, args, cache_dir(), verified, failed)
             if args.once:
                 break
             time.sleep(args.poll)

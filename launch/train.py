@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import checkpoint, loraplus, resume, tiny  # noqa: E402
+from pipeline import checkpoint, loraplus, resume, scorer, tiny  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     cfg = make_config(args.config, args.overrides, args.deepspeed_config)
     ds_path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
     ds_json = dist.read_ds_json(ds_path)
+    scoring = scorer.enabled(cfg.eval.mmlu, model_is_builtin=cfg.model.name_or_path == tiny.BUILTIN_MODEL)
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
     from pipeline.model import check_model_dir
 
@@ -51,6 +52,10 @@ def main(argv=None) -> None:
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
+    if scoring:  # bad MMLU data is found now, not in mmlu.log after the first checkpoint
+        from pipeline import mmlu
+
+        mmlu.resolve(cfg.eval.mmlu.data, cfg.eval.mmlu.num_fewshot, tiny.cache_dir())
     continuing = checkpoint.holds_run(output_dir) and not args.overwrite
     if continuing:
         resume.check_same_experiment(output_dir, cfg)
@@ -68,7 +73,6 @@ def main(argv=None) -> None:
     from pipeline.metrics import Reporter, Stopwatch, describe_model
     from pipeline.model import load_model, load_tokenizer
     from pipeline.preempt import StopRequest
-    from pipeline.scorer import BackgroundScorer
 
     dist.set_single_process_defaults()
     info = dist.init()
@@ -131,26 +135,32 @@ def main(argv=None) -> None:
     run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), precision, len(samples),
                                      data_id)
 
-    scorer = BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0)
+    mmlu_scorer = scorer.BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0 and scoring)
 
     def save(p: Progress) -> None:
         clock = Stopwatch()
         checkpoint.save(engine, model, cfg, output_dir, p.step, info.rank, zero3, run_facts(p))
         log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
-        scorer.checkpoint_saved()
+        if not stop.signum:
+            mmlu_scorer.checkpoint_saved()
 
-    with StopRequest(announce=info.rank == 0) as stop:
-        signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop)
+    try:
+        with StopRequest(announce=info.rank == 0) as stop:
+            signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop)
+    except BaseException:
+        mmlu_scorer.stop()
+        raise
     if signum:
+        mmlu_scorer.stop()
         log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
                   f"same command again to resume")
         log.close()
         sys.exit(128 + signum)
     log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {output_dir / 'checkpoints'}")
-    if scorer.active:
+    if mmlu_scorer.active:
         log.print("scoring the checkpoints on MMLU (eval.mmlu; eval.mmlu.every_checkpoint=false turns this off)...")
-        log.print(scorer.finish() or "")
+        log.print(mmlu_scorer.finish() or "")
     log.close()
 
 

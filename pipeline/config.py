@@ -195,9 +195,10 @@ class TrainConfig:
 class MmluEvalConfig:
     """MMLU scoring of checkpoints while the run trains (lm-evaluation-harness; see ``eval/``)."""
 
-    every_checkpoint: bool = True
+    every_checkpoint: str = "auto"
     """Score each checkpoint after it is saved, in a background process started by rank 0 (training does not
-    wait); the run ends by printing the table."""
+    wait); the run ends by printing the table. ``true``, ``false``, or ``auto``: on for the embedded tiny model
+    only (a CPU scorer beside a real model's training would compete for host memory)."""
     data: str = "sample"
     """A local cais/mmlu copy (hub or CSV layout), or ``sample`` (the bundled stand-in, for the tiny default)."""
     num_fewshot: int = 5
@@ -210,6 +211,8 @@ class MmluEvalConfig:
     """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``."""
 
     def __post_init__(self) -> None:
+        _check(self.every_checkpoint in ("auto", "true", "false"), "eval.mmlu.every_checkpoint",
+               f"must be true, false or auto; got {self.every_checkpoint!r}")
         _check(self.num_fewshot >= 0, "eval.mmlu.num_fewshot", f"must be >= 0; got {self.num_fewshot}")
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
@@ -309,7 +312,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass
         raise bad("a number")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML's true/false, for keys such as eval.mmlu.every_checkpoint (true/false/auto)
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad("a string")
     if origin is list:

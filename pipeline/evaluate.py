@@ -161,9 +161,11 @@ def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, lim
             results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                               num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
                                               task_manager=manager, log_samples=False)
-        except RuntimeError as e:
-            if tgt.adapter and "size mismatch" in str(e):  # PEFT loading an adapter made for another model
-                detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
+        except (RuntimeError, ValueError) as e:
+            # PEFT loading an adapter made for another model: other shapes, or other module names.
+            if tgt.adapter and ("size mismatch" in str(e) or "Target modules" in str(e)):
+                detail = next((line.strip() for line in str(e).splitlines()
+                               if "size mismatch" in line or "Target modules" in line), "")
                 raise UserError(f"the adapter {tgt.adapter} does not fit the base model {tgt.base}: {detail}; "
                                 f"pass the base it was trained on (--base DIR)") from None
             raise
@@ -211,7 +213,10 @@ def write(summary: dict, results: dict, out_dir: Path) -> Path:
     full.write_text(json.dumps(results, indent=1, default=str) + "\n")
     path = out_dir / "mmlu.json"
     tmp = out_dir / ".mmlu.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(summary, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # an empty mmlu.json after a crash would read as "scored"
     os.replace(tmp, path)
     return path
 
@@ -222,7 +227,12 @@ def headline(summary: dict) -> str:
     return f"acc {summary['acc']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
+def setting(summary: dict) -> dict:
+    """What a score depends on besides the model: the data, the shots, the question limit."""
+    return {k: summary[k] for k in ("data", "num_fewshot", "limit")}
+
+
 def table_row(summary: dict) -> dict:
     """One ``mmlu.jsonl`` row."""
     return {"step": summary["model"]["step"], "acc": summary["acc"], "acc_stderr": summary["acc_stderr"],
-            **{c: summary["categories"][c]["acc"] for c in CATEGORIES}}
+            **{c: summary["categories"][c]["acc"] for c in CATEGORIES}, **setting(summary)}

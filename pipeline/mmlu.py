@@ -71,7 +71,11 @@ def check(root: Path, num_fewshot: int) -> None:
     if not (root / "README.md").is_file():
         raise MmluDataError(f"{root} has no README.md listing the subjects (the hub layout of cais/mmlu); "
                             f"{HOW_TO_GET}")
+    listed = _readme_configs(root / "README.md")
     for subject in subjects():
+        if subject not in listed:
+            raise MmluDataError(f"{root / 'README.md'} does not list subject '{subject}' under configs: (datasets "
+                                f"finds a subject only through that list)")
         for split in SPLITS:
             files = sorted((root / subject).glob(f"{split}-*.parquet"))
             if not files:
@@ -89,6 +93,20 @@ def check(root: Path, num_fewshot: int) -> None:
                     _check_row(row, f"{f} row {i}")
                 if split == "dev" and table.num_rows < num_fewshot:
                     raise MmluDataError(f"{f}: {table.num_rows} dev rows, fewer than --num-fewshot {num_fewshot}")
+
+
+def _readme_configs(readme: Path) -> set[str]:
+    """The ``config_name`` entries of a hub README's YAML front matter."""
+    import yaml
+
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return set()
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return set()
+    return {c.get("config_name") for c in front.get("configs", []) if isinstance(c, dict)}
 
 
 def _check_row(row: dict, where: str) -> None:
@@ -140,6 +158,17 @@ def _from_csv(data: Path, cache: Path) -> Path:
     out = cache / f"mmlu-csv-{key}"
     if (out / "README.md").is_file():
         return out
+    cache.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(cache / f".mmlu-csv-{key}.lock", "w") as lock:  # several ranks or watchers may get here at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "README.md").is_file():
+            write_hub_layout(_read_csv_release(data), out)
+    return out
+
+
+def _read_csv_release(data: Path) -> dict[str, dict[str, list[dict]]]:
     rows: dict[str, dict[str, list[dict]]] = {}
     for subject in subjects():
         rows[subject] = {}
@@ -151,9 +180,7 @@ def _from_csv(data: Path, cache: Path) -> Path:
                     continue
                 raise MmluDataError(f"{data}: subject '{subject}' has no {split} file ({path})")
             rows[subject][split] = _read_csv(path)
-    cache.mkdir(parents=True, exist_ok=True)
-    write_hub_layout(rows, out)
-    return out
+    return rows
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -26,6 +26,8 @@ def locked(path: Path, blocking: bool = True):
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a filesystem without flock (some Lustre/NFS mounts): go on unlocked
+            pass
         yield True
     finally:
         os.close(fd)
@@ -44,13 +46,23 @@ def read_rows(output_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
+SETTING = ("data", "num_fewshot", "limit")
+
+
 def record(output_dir: Path, row: dict) -> bool:
-    """Append ``row`` unless its step is already there, then redraw the plot and the table. True if appended."""
+    """Add ``row`` unless the same step with the same setting (data, shots, limit) is there; a row of that step
+    with another setting is replaced. Then redraw the plot and the table. True if the file changed."""
     with locked(output_dir / ".mmlu.lock"):
-        if any(r["step"] == row["step"] for r in read_rows(output_dir)):
+        rows = read_rows(output_dir)
+        same_step = [r for r in rows if r["step"] == row["step"]]
+        if any(all(r.get(k) == row.get(k) for k in SETTING) for r in same_step):
             return False
-        with open(output_dir / "mmlu.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if same_step:
+            kept = [r for r in rows if r["step"] != row["step"]] + [row]
+            _atomic_write(output_dir / "mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            with open(output_dir / "mmlu.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         redraw(output_dir)
         return True
 

@@ -20,10 +20,17 @@ LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
                  "CROSS_RANK", "CROSS_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE"}
 
 
+def enabled(cfg: MmluEvalConfig, model_is_builtin: bool) -> bool:
+    """``eval.mmlu.every_checkpoint``: ``auto`` means on for the embedded tiny model only."""
+    return cfg.every_checkpoint == "true" or (cfg.every_checkpoint == "auto" and model_is_builtin)
+
+
 class BackgroundScorer:
+    """Rank 0's background scoring (``active`` false elsewhere, or when scoring is off)."""
+
     def __init__(self, output_dir: Path, cfg: MmluEvalConfig, active: bool):
         self.output_dir, self.cfg = output_dir, cfg
-        self.active = active and cfg.every_checkpoint
+        self.active = active
         self._proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -47,6 +54,16 @@ class BackgroundScorer:
         self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env)
         log.close()  # the child holds its own descriptor
+
+    def stop(self) -> None:
+        """The run is ending early (signal, error): end a scoring pass in flight rather than leave it behind."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self.active = False
 
     def finish(self) -> str | None:
         """Wait for the scorer, score what is left, and return ``mmlu.md`` (``None`` if not scoring)."""

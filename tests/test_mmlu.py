@@ -160,6 +160,13 @@ def test_watcher_scores_each_checkpoint_once(run_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert len((run_dir / "mmlu.jsonl").read_text().splitlines()) == 3
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
+    # A scorer stopped between mmlu.json and mmlu.jsonl: the next pass records the row without scoring again.
+    lines = (run_dir / "mmlu.jsonl").read_text().splitlines()
+    (run_dir / "mmlu.jsonl").write_text("".join(line + "\n" for line in lines[:1]))
+    again = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
+    assert again.returncode == 0 and sorted(r["step"] for r in (json.loads(x) for x in
+                                            (run_dir / "mmlu.jsonl").read_text().splitlines())) == [1, 2, 3]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
 
 
 def test_training_scores_its_checkpoints_and_prints_the_table(tmp_path):
@@ -174,6 +181,17 @@ def test_training_scores_its_checkpoints_and_prints_the_table(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no mmlu.json
+
+
+def test_offline_without_being_told(run_dir, tmp_path):
+    """No HF_*_OFFLINE in the environment and an unreachable hub: eval/mmlu.py sets offline mode itself."""
+    ckpt = copy_checkpoint(run_dir, 1, tmp_path / "step-1")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+    proc = subprocess.run(EVAL + ["--checkpoint", str(ckpt), "--mmlu-data", "sample", "--limit", "1",
+                                  "--batch-size", "16"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ckpt / "mmlu.json").is_file()
 
 
 def test_no_data_fails_at_once_and_says_how_to_get_it(run_dir, tmp_path):
