@@ -50,7 +50,20 @@ def copy_checkpoint(run_dir: Path, step: int, dest: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The data
+# The data, and when training scores
+
+
+def test_every_checkpoint_auto_means_the_tiny_default_only():
+    from pipeline.config import make_config
+    from pipeline.scorer import enabled
+
+    auto = make_config().eval.mmlu
+    assert auto.every_checkpoint == "auto" and enabled(auto, True) and not enabled(auto, False)
+    on = make_config(None, ["eval.mmlu.every_checkpoint=true"]).eval.mmlu
+    off = make_config(None, ["eval.mmlu.every_checkpoint=false"]).eval.mmlu
+    assert enabled(on, False) and not enabled(off, True)
+    for recipe in (REPO / "launch" / "recipes").glob("llama*.yaml"):
+        assert make_config(recipe).eval.mmlu.every_checkpoint == "false", recipe.name
 
 
 def test_bundled_sample_is_what_the_generator_writes():
