@@ -56,6 +56,7 @@ def score_pending(run: Path, args, cache: Path, verified: set[Path], failed: set
     """One pass; returns how many checkpoints were scored. A checkpoint that fails is reported once and skipped
     from then on (by this process), so it cannot hold up the ones after it."""
     from pipeline import evaluate, mmlu_report
+    from pipeline.files import locked
     from pipeline.errors import UserError
 
     setting = wanted(args, cache)
@@ -67,7 +68,7 @@ def score_pending(run: Path, args, cache: Path, verified: set[Path], failed: set
         if path in failed:
             continue
         try:
-            with mmlu_report.locked(path / ".mmlu.lock", blocking=False) as mine:
+            with locked(path / ".mmlu.lock", blocking=False) as mine:
                 if not mine:
                     continue  # another scorer has it
                 summary = evaluate_one(path, args, cache)

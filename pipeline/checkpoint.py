@@ -43,6 +43,7 @@ from pipeline import distributed as dist
 from pipeline import faults
 from pipeline.config import Config, save_config
 from pipeline.errors import RunError, UserError
+from pipeline.files import atomic_write_text
 
 ENGINE_TAG = "deepspeed"
 STEP_RE = re.compile(r"step-(\d+)")
@@ -167,9 +168,7 @@ def _seal(tmp: Path, final: Path, cfg: Config, trainer_state: dict) -> None:
 
 
 def _point_latest_at(checkpoint: Path) -> None:
-    pointer = checkpoint.parent / ".latest.tmp"
-    pointer.write_text(checkpoint.name + "\n")
-    os.replace(pointer, checkpoint.parent / "latest")
+    atomic_write_text(checkpoint.parent / "latest", checkpoint.name + "\n", fsync=True)
     _fsync_dir(checkpoint.parent)
 
 
@@ -393,9 +392,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -211,13 +211,10 @@ def write(summary: dict, results: dict, out_dir: Path) -> Path:
     """``out_dir/mmlu.json`` (atomically, last) and lm-eval's full results beside it, ``mmlu_lm_eval.json``."""
     full = out_dir / "mmlu_lm_eval.json"
     full.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    from pipeline.files import atomic_write_text
+
     path = out_dir / "mmlu.json"
-    tmp = out_dir / ".mmlu.json.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(summary, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # an empty mmlu.json after a crash would read as "scored"
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n", fsync=True)  # an empty one would read as "scored"
     return path
 
 

@@ -159,10 +159,9 @@ def _from_csv(data: Path, cache: Path) -> Path:
     if (out / "README.md").is_file():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    import fcntl
+    from pipeline.files import locked
 
-    with open(cache / f".mmlu-csv-{key}.lock", "w") as lock:  # several ranks or watchers may get here at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(cache / f".mmlu-csv-{key}.lock"):  # several ranks or watchers may get here at once
         if not (out / "README.md").is_file():
             write_hub_layout(_read_csv_release(data), out)
     return out

@@ -7,30 +7,12 @@ a step already in ``mmlu.jsonl`` is never appended twice.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
 
 from pipeline.evaluate import CATEGORIES
-
-
-@contextlib.contextmanager
-def locked(path: Path, blocking: bool = True):
-    """Hold an exclusive ``flock`` on ``path`` (created if needed); yields False if busy and not blocking."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        except OSError:  # a filesystem without flock (some Lustre/NFS mounts): go on unlocked
-            pass
-        yield True
-    finally:
-        os.close(fd)
+from pipeline.files import atomic_write_text, locked
 
 
 def read_rows(output_dir: Path) -> list[dict]:
@@ -59,7 +41,7 @@ def record(output_dir: Path, row: dict) -> bool:
             return False
         if same_step:
             kept = [r for r in rows if r["step"] != row["step"]] + [row]
-            _atomic_write(output_dir / "mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(output_dir / "mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         else:
             with open(output_dir / "mmlu.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -69,7 +51,7 @@ def record(output_dir: Path, row: dict) -> bool:
 
 def redraw(output_dir: Path) -> None:
     rows = read_rows(output_dir)
-    _atomic_write(output_dir / "mmlu.md", table(rows))
+    atomic_write_text(output_dir / "mmlu.md", table(rows))
     plot(rows, _losses(output_dir), output_dir / "mmlu.png")
 
 
@@ -134,10 +116,4 @@ def plot(rows: list[dict], losses: list[tuple[int, float]], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)

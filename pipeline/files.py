@@ -1,0 +1,39 @@
+"""Small file primitives the run's writers share: atomic text writes and ``flock`` locks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader sees the old
+    content or the new, never half. ``fsync``: also force it to disk first (for files whose presence means
+    "done", which an empty file after a crash must not imitate)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(path: Path, blocking: bool = True):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); yields False if busy and not blocking. On a
+    filesystem without flock (some Lustre/NFS mounts) it goes on unlocked."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:
+            pass
+        yield True
+    finally:
+        os.close(fd)
