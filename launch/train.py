@@ -45,9 +45,12 @@ def main(argv=None) -> None:
     ds_json = dist.read_ds_json(ds_path)
     scoring = scorer.enabled(cfg.eval.mmlu, model_is_builtin=cfg.model.name_or_path == tiny.BUILTIN_MODEL)
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
-    from pipeline.model import check_model_dir
+    from pipeline.model import check_model_dir, check_shape, has_tokenizer
 
-    check_model_dir(model_path)
+    if not cfg.model.random_init:
+        check_shape(check_model_dir(model_path), cfg.model.shape, model_path)
+    elif not has_tokenizer(model_path):  # random weights: any tokenizer whose ids fit the vocabulary will do
+        model_path = str(tiny.ensure_tiny_model())
     output_dir = checkpoint.check_output_dir(cfg.output_dir, args.overwrite)
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
@@ -107,8 +110,10 @@ def main(argv=None) -> None:
 
     # 3. Model, LoRA, LoRA+ groups, optimizer, engine.
     zero3_hook = dist.zero3_load_hook(ds_config)  # noqa: F841  (alive = ZeRO-3 partitions weights at load)
+    torch.manual_seed(cfg.seed)  # model.random_init: the same weights on every rank
     model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
-                       cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code)
+                       cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code,
+                       random_shape=cfg.model.shape if cfg.model.random_init else None)
     model = add_lora(model, cfg.lora, cfg.seed)
     torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
     rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,

@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.errors import UserError
 
-#: Root of the source tree (where ``deepspeed_configs/`` and ``launch/recipes/`` live).
+#: Root of the source tree (where ``deepspeed_configs/`` and ``launch/configs/`` live).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 BUILTIN_MODEL = "builtin:tiny-llama"
@@ -44,6 +44,52 @@ def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
+class ModelShapeConfig:
+    """The architecture a recipe is sized for (Llama layout; 0 = not declared). When declared, the model
+    directory's ``config.json`` must agree (a 13B path under a 7B recipe is refused); ``launch/plan.py`` sizes
+    memory from it without weights, and ``model.random_init`` builds a model of this shape."""
+
+    hidden_size: int = 0
+    """Model width (d_model)."""
+    num_hidden_layers: int = 0
+    """Transformer blocks."""
+    num_attention_heads: int = 0
+    """Query heads."""
+    num_key_value_heads: int = 0
+    """Key/value heads (fewer than query heads: grouped-query attention)."""
+    intermediate_size: int = 0
+    """MLP width (gate/up/down projections)."""
+    vocab_size: int = 0
+    """Tokenizer vocabulary (embedding and LM-head rows)."""
+    max_position_embeddings: int = 0
+    """Longest context the model was trained for."""
+    rope_theta: float = 0.0
+    """RoPE base frequency."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(value >= 0, f"model.shape.{f.name}", f"must be >= 0 (0: not declared); got {value}")
+        if self.num_attention_heads and self.hidden_size:
+            _check(self.hidden_size % self.num_attention_heads == 0, "model.shape.num_attention_heads",
+                   f"({self.num_attention_heads}) must divide model.shape.hidden_size ({self.hidden_size})")
+        if self.num_attention_heads and self.num_key_value_heads:
+            _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.shape.num_key_value_heads",
+                   f"({self.num_key_value_heads}) must divide model.shape.num_attention_heads "
+                   f"({self.num_attention_heads})")
+
+    def declared(self) -> dict[str, int | float]:
+        """The fields a recipe sets, as ``transformers`` config keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+    def missing(self) -> list[str]:
+        """Dimensions still 0 that a model built from the shape alone needs (the others have Llama defaults)."""
+        needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "vocab_size")
+        return [f"model.shape.{name}" for name in needed if not getattr(self, name)]
+
+
+@dataclass
 class ModelConfig:
     """The base model."""
 
@@ -56,10 +102,18 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model directory. Off unless you trust the directory."""
+    random_init: bool = False
+    """Build a Llama of ``model.shape`` with random weights instead of loading ``name_or_path`` (benchmarks and
+    memory checks without weights). The tokenizer comes from ``name_or_path`` if it is a model directory, else
+    from the embedded tiny model."""
+    shape: ModelShapeConfig = field(default_factory=ModelShapeConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", "must name a local model directory")
         _check_choice(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        if self.random_init:
+            _check(not self.shape.missing(), "model.random_init",
+                   f"needs the whole model.shape; missing: {', '.join(self.shape.missing())}")
 
 
 @dataclass
@@ -249,6 +303,9 @@ class Config:
         _check(bool(self.output_dir), "output_dir", "must not be empty")
         _check(0 <= self.seed < 2 ** 32, "seed", f"must be in [0, 2**32); got {self.seed}")
         _check(bool(self.deepspeed_config), "deepspeed_config", "must name a DeepSpeed JSON file")
+        longest = self.model.shape.max_position_embeddings
+        _check(not longest or self.train.seq_len <= longest, "train.seq_len",
+               f"({self.train.seq_len}) exceeds the model's context, model.shape.max_position_embeddings ({longest})")
         _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
                f"({self.schedule.warmup_steps}) must not exceed train.max_steps ({self.train.max_steps})")
 

@@ -14,6 +14,14 @@ import torch
 
 from pipeline.errors import UserError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    p = Path(path).expanduser()
+    return any((p / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_model_dir(path: str) -> dict:
     """Validate a model directory without loading it; return its ``config.json``.
 
@@ -35,15 +43,39 @@ def check_model_dir(path: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise UserError(f"{cfg_file}: no 'model_type', so transformers cannot tell the architecture (expected "
                         f"e.g. \"model_type\": \"llama\")")
-    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    if not any((p / name).is_file() for name in tokenizer_files):
-        raise UserError(f"{p} has no tokenizer ({', '.join(tokenizer_files)}); copy the tokenizer files of the "
+    if not has_tokenizer(p):
+        raise UserError(f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the "
                         f"base model into it")
     if not any(p.glob("*.safetensors")):
         raise UserError(f"{p} has no *.safetensors weights; this pipeline does not unpickle .bin/.pt weights. "
                         f"Convert them once (load and save_pretrained(safe_serialization=True)) in a trusted "
                         f"environment")
     return config
+
+
+def check_shape(config: dict, shape, path: str) -> None:
+    """Refuse a model directory whose ``config.json`` disagrees with the recipe's declared ``model.shape``."""
+    wrong = [f"{key}: recipe {want}, {path}/config.json {config_value(config, key)}"
+             for key, want in shape.declared().items() if config_value(config, key) != want]
+    if wrong:
+        raise UserError(f"the model directory is not the architecture the recipe is sized for ({'; '.join(wrong)}); "
+                        f"point model.name_or_path at the right weights, or use a recipe for this model")
+
+
+def config_value(config: dict, key: str):
+    """A dimension from a ``config.json`` mapping, whichever transformers version wrote it."""
+    if key == "num_key_value_heads":  # absent means one KV head per query head
+        return config.get(key) or config.get("num_attention_heads")
+    if key == "rope_theta":  # transformers 5 nests it in rope_parameters
+        return config.get(key) or (config.get("rope_parameters") or {}).get(key)
+    return config.get(key)
+
+
+def shape_config(shape, **kwargs):
+    """A ``transformers.LlamaConfig`` of a declared ``model.shape``, without weights (``kwargs`` override)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**shape.declared(), **kwargs)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -59,12 +91,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
+               gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+               random_shape=None) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` on a local directory, base weights frozen.
 
     Args:
         path: local model directory (validated by :func:`check_model_dir`).
         dtype: parameter dtype (bf16 on GPU, fp32 on CPU; chosen by the caller from the DeepSpeed JSON).
+        random_shape: a complete ``model.shape``: build that Llama with random weights instead (``from_config``,
+            which under ZeRO-3 also partitions at construction); ``path`` is then not read.
     """
     from transformers import AutoModelForCausalLM
 
@@ -74,9 +109,13 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
             raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
                             "package (pip install flash-attn --no-build-isolation); or use sdpa")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-        use_safetensors=True, local_files_only=True)
+    if random_shape is not None:
+        model = AutoModelForCausalLM.from_config(shape_config(random_shape), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            use_safetensors=True, local_files_only=True)
     model.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if gradient_checkpointing:

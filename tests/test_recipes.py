@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from pipeline.config import all_keys, make_config
 from tests.conftest import REPO
 
-RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "launch" / "configs").glob("*.yaml"))
 
 
 def test_recipes_exist():
@@ -23,7 +24,7 @@ def test_recipe_validates_and_names_a_shipped_deepspeed_json(recipe: Path):
 
 
 def test_tiny_recipe_is_the_embedded_default():
-    assert make_config(REPO / "launch" / "recipes" / "tiny.yaml") == make_config()
+    assert make_config(REPO / "launch" / "configs" / "tiny.yaml") == make_config()
 
 
 def test_readme_documents_every_config_key():
@@ -37,3 +38,58 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
     assert command in readme and command in ci.splitlines()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama-scale recipes: the declared architecture is the published one
+
+# From each model's config.json on the Hugging Face Hub (meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Llama-2-70b-hf,
+# Meta-Llama-3-8B), and the parameter counts those configs give (the "7B" of Llama-2-7B is 6.74e9).
+PUBLISHED = {
+    "llama2-7b.yaml": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                           vocab_size=32000, intermediate_size=11008, max_position_embeddings=4096,
+                           rope_theta=10000.0, params=6_738_415_616),
+    "llama2-13b.yaml": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                            vocab_size=32000, intermediate_size=13824, max_position_embeddings=4096,
+                            rope_theta=10000.0, params=13_015_864_320),
+    "llama2-70b.yaml": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                            vocab_size=32000, intermediate_size=28672, max_position_embeddings=4096,
+                            rope_theta=10000.0, params=68_976_648_192),
+    "llama3-8b.yaml": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=128256, intermediate_size=14336, max_position_embeddings=8192,
+                           rope_theta=500000.0, params=8_030_261_248),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_llama_recipe_builds_the_published_architecture(name):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from pipeline.model import config_value, shape_config
+
+    cfg = make_config(REPO / "launch" / "configs" / name)
+    expected = dict(PUBLISHED[name])
+    params = expected.pop("params")
+    config = shape_config(cfg.model.shape)  # built from the recipe alone: no weights, no config.json
+    assert {k: config_value(config.to_dict(), k) for k in expected} == expected
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == params
+    # What a user must supply is left to them; the run shape is complete.
+    assert cfg.model.name_or_path == "/path/to/weights"
+    assert cfg.model.gradient_checkpointing
+    assert cfg.train.seq_len <= expected["max_position_embeddings"]
+    ds = json.loads((REPO / cfg.deepspeed_config).read_text())
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_weights_of_another_architecture_are_refused(tiny_model_dir):
+    from pipeline.errors import UserError
+    from pipeline.model import check_model_dir, check_shape
+
+    config = check_model_dir(str(tiny_model_dir))
+    cfg = make_config(REPO / "launch" / "configs" / "llama2-7b.yaml")
+    with pytest.raises(UserError, match=r"hidden_size: recipe 4096, .*config.json 64"):
+        check_shape(config, cfg.model.shape, str(tiny_model_dir))
+    check_shape(config, make_config().model.shape, str(tiny_model_dir))  # nothing declared: nothing to refuse
