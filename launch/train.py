@@ -73,7 +73,8 @@ def main(argv=None) -> None:
     from pipeline.data import fingerprint, load_samples
     from pipeline.loop import Progress, train
     from pipeline.lora import add_lora
-    from pipeline.metrics import Reporter, Stopwatch, describe_model
+    from pipeline.memory import MemoryMeter
+    from pipeline.metrics import Reporter, Stopwatch, describe_load, describe_model
     from pipeline.model import load_model, load_tokenizer
     from pipeline.preempt import StopRequest
 
@@ -109,11 +110,14 @@ def main(argv=None) -> None:
                                 point.directory.name)
 
     # 3. Model, LoRA, LoRA+ groups, optimizer, engine.
+    meter = MemoryMeter(info.device)  # from here on, memory is the model's and the training's
     zero3_hook = dist.zero3_load_hook(ds_config)  # noqa: F841  (alive = ZeRO-3 partitions weights at load)
     torch.manual_seed(cfg.seed)  # model.random_init: the same weights on every rank
     model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
                        cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code,
                        random_shape=cfg.model.shape if cfg.model.random_init else None)
+    for line in describe_load(model, meter.peak(), dist.local_numel, dist.gather_objects):
+        log.print(line)
     model = add_lora(model, cfg.lora, cfg.seed)
     torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
     rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
@@ -151,7 +155,8 @@ def main(argv=None) -> None:
 
     try:
         with StopRequest(announce=info.rank == 0) as stop:
-            signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop)
+            meter.reset()  # the training peak, apart from the loading peak
+            signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop, meter)
     except BaseException:
         mmlu_scorer.stop()
         raise

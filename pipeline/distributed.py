@@ -233,14 +233,14 @@ def on_rank0(fn, rank: int):
     return result
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest of every rank's ``value`` (one scalar all-reduce)."""
+def max_over_ranks(value: int | list[int]) -> int | list[int]:
+    """The largest of every rank's ``value``, elementwise for a list (one small all-reduce)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(x) for x in t.tolist()] if isinstance(value, list) else int(t.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

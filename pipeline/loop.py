@@ -15,6 +15,7 @@ from pipeline import faults
 from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, Sample, collate, rank_micro_batches
 from pipeline.errors import RunError
+from pipeline.memory import MemoryMeter
 from pipeline.metrics import Reporter, Stopwatch
 from pipeline.preempt import StopRequest
 
@@ -31,7 +32,8 @@ class Progress:
 
 
 def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, reporter: Reporter, pad_id: int,
-          save: Callable[[Progress], None], progress: Progress, stop: StopRequest) -> int:
+          save: Callable[[Progress], None], progress: Progress, stop: StopRequest, meter: MemoryMeter | None = None
+          ) -> int:
     """Run optimizer steps ``progress.step + 1 .. cfg.train.max_steps``; return 0, or the number of the signal
     that stopped the run early (after a checkpoint of the last finished step was saved).
 
@@ -72,6 +74,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
             if faults.nonfinite(done, info.rank):
                 ce = ce * float("nan")
             faults.during_step(done, info.rank)
@@ -104,6 +107,9 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         consecutive_bad = consecutive_bad + 1 if bad else 0
 
         progress.step = done
+        # One scalar max over ranks: a signal seen by any rank stops every rank after this step, and the
+        # busiest rank's memory peak so far (MiB) goes into the row.
+        signum, mem_mib = dist.max_over_ranks([stop.signum, meter.peak() // 2 ** 20 if meter else 0])
         dt = time.perf_counter() - t0
         reporter.step({
             "step": done,
@@ -117,6 +123,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             "epoch": done * mb * ga * world / n,
             "skipped": bad or ds_skipped,
             "nonfinite_steps": progress.nonfinite_steps,
+            "mem_peak_gb": round(mem_mib / 1024, 3) if meter and meter.available else None,
         })
         if bad and cfg.train.on_nonfinite == "stop":
             raise RunError(f"step {done}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}); the "
@@ -130,7 +137,6 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             progress.elapsed_s += clock.lap()
             save(progress)
             saved = True
-        signum = dist.max_over_ranks(stop.signum)  # a signal seen by any rank stops every rank after this step
         if signum:
             if not saved:
                 progress.elapsed_s += clock.lap()

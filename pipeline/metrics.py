@@ -124,3 +124,19 @@ def describe_model(model, groups, info, zero_stage: int, offload_device: str, pr
         "LoRA+ param groups:",
     ]
     return lines + ["  " + line for line in describe(groups)]
+
+
+def describe_load(model, load_peak: int, local_numel, gather) -> list[str]:
+    """Per rank: how much of the base model it holds after loading (a ZeRO-3 partition, or all of it) and its
+    memory peak while loading, beside the size of one full copy. A collective: every rank calls it."""
+    from pipeline.loraplus import numel
+    from pipeline.memory import GB
+
+    params = list(model.parameters())
+    total = sum(numel(p) for p in params)
+    full = sum(numel(p) * p.element_size() for p in params)
+    lines = []
+    for rank, (held, peak) in enumerate(gather((local_numel(params), load_peak))):
+        lines.append(f"memory: rank {rank} holds {held:,} of {total:,} base parameters ({100 * held / total:.1f}%); "
+                     f"peak while loading {peak / GB:.2f} GB (one full copy of the weights: {full / GB:.2f} GB)")
+    return lines

@@ -112,6 +112,17 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     if random_shape is not None:
         model = AutoModelForCausalLM.from_config(shape_config(random_shape), dtype=dtype,
                                                  attn_implementation=attn_implementation)
+    elif _zero3_active() and (weight_map := _weight_map(Path(path))) is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+        if not _stream_into_partitions(model, Path(path), weight_map):
+            del model
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                use_safetensors=True, local_files_only=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
@@ -122,3 +133,70 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack needed).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ZeRO-3 loading, one shard at a time
+#
+# transformers (5.x, ``modeling_utils._load_pretrained_model``) loads a ZeRO-3 model by memory-mapping *every*
+# shard on rank 0 at once, so rank 0's resident memory reaches a whole copy of the checkpoint plus its own
+# partition (measured: 2.05 GB on a 1.21 GB model at world size 2). Here the model is built partitioned
+# (``from_config`` inside ``deepspeed.zero.Init``) and each parameter is gathered, filled by rank 0 from the one
+# open shard, and re-partitioned (``GatheredParameters(modifier_rank=0)``, as transformers does per module), so
+# rank 0 holds its partition, one parameter and one shard's pages. Checkpoints whose tensor names are not
+# exactly the model's parameter names go through transformers' loader instead.
+
+
+def _zero3_active() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """Tensor name -> shard file, from ``model.safetensors.index.json`` or the single ``model.safetensors``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index}: not a safetensors index (expected a 'weight_map' of tensor -> file)") from None
+    single = path / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single.name for name in f.keys()}
+    return None
+
+
+def _stream_into_partitions(model: torch.nn.Module, path: Path, weight_map: dict[str, str]) -> bool:
+    """Fill a ZeRO-3-partitioned ``model`` from its shards; False (nothing loaded) if the names do not match."""
+    import deepspeed
+    import torch.distributed as tdist
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())  # tied weights appear once
+    stored = {n for n in weight_map if not n.endswith("rotary_emb.inv_freq")}  # old checkpoints kept a buffer
+    if set(params) - stored or stored - set(params):
+        return False
+    rank0 = tdist.get_rank() == 0
+    by_file: dict[str, list[str]] = {}
+    for name in params:
+        by_file.setdefault(weight_map[name], []).append(name)
+    for file, names in sorted(by_file.items()):
+        shard = safe_open(str(path / file), framework="pt") if rank0 else None
+        try:
+            for name in names:
+                param = params[name]
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank0:
+                        value = shard.get_tensor(name)
+                        if tuple(value.shape) != tuple(param.shape):
+                            raise UserError(f"{path / file}: tensor {name} has shape {tuple(value.shape)}, the "
+                                            f"model's config.json needs {tuple(param.shape)}")
+                        param.data.copy_(value)
+                        del value
+        finally:
+            del shard  # unmaps the file
+    return True

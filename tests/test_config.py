@@ -12,7 +12,7 @@ from pipeline.config import (PROJECT_ROOT, Config, ConfigError, LoraConfig, Opti
                              make_config, parse_override, resolve_file, save_config)
 
 DS_DIR = PROJECT_ROOT / "deepspeed_configs"
-RECIPES = sorted((PROJECT_ROOT / "launch" / "recipes").glob("*.yaml"))
+RECIPES = sorted((PROJECT_ROOT / "launch" / "configs").glob("*.yaml"))
 REQUIRED_DS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 

@@ -62,7 +62,7 @@ def test_every_checkpoint_auto_means_the_tiny_default_only():
     on = make_config(None, ["eval.mmlu.every_checkpoint=true"]).eval.mmlu
     off = make_config(None, ["eval.mmlu.every_checkpoint=false"]).eval.mmlu
     assert enabled(on, False) and not enabled(off, True)
-    for recipe in (REPO / "launch" / "recipes").glob("llama*.yaml"):
+    for recipe in (REPO / "launch" / "configs").glob("llama*.yaml"):
         assert make_config(recipe).eval.mmlu.every_checkpoint == "false", recipe.name
 
 
