@@ -350,10 +350,13 @@ def probe_output_dir(out: Path, rank: int) -> None:
 
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise UserError(f"output_dir {out} is in use by another run (it holds {out / LOCK}); wait for that "
                             f"run to end, or choose another output_dir=...") from None
+        except OSError as e:  # a filesystem without flock (some Lustre/NFS mounts): no guard, but no refusal
+            print(f"warning: cannot lock {out / LOCK} ({e.strerror or e}); nothing stops a second run on this "
+                  f"output_dir", file=sys.stderr, flush=True)
         _held_lock = fd
 
     dist.on_rank0(probe, rank)

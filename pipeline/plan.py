@@ -14,7 +14,8 @@ Per rank, with N ranks, ZeRO stage S, b bytes per compute element (bf16: 2; CPU:
 - gradients: fp32 partitions (/N) from ZeRO-2, else whole, in the compute dtype;
 - Adam: two fp32 moments per parameter of each LoRA+ group, /N from ZeRO-1 (on the host when offloaded);
 - ZeRO buffers, from the DeepSpeed JSON: ZeRO-1/2 reduce buckets (two with ``overlap_comm``); ZeRO-3 one reduce
-  bucket, the parameters gathered for compute (up to ``stage3_max_live_parameters``) and the prefetch bucket;
+  bucket, the parameters gathered whole for compute (up to ``stage3_max_live_parameters`` plus a prefetch
+  bucket; with the shipped 1e9, every parameter of a model below 1B) and one bucket of all-gather staging;
 - activations as counted, with gradient checkpointing: each block's input, one block recomputed, and the rest;
 - while one block runs backward, gradients as large as its saved activations;
 - the backward's first gradients, of the loss's fp32 logits and of the slice they were cut from, which meet the
@@ -257,12 +258,12 @@ def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, d
         add(Item("ZeRO reduce buckets", copies * touched(bucket, lora) * b, f"{copies} x {bucket:.0e} elements"))
     elif stage == 3:
         add(Item("ZeRO reduce bucket", touched(bucket, lora) * b, f"{bucket:.0e} elements"))
-        live = min(float(zero["stage3_max_live_parameters"]), total_params)
         prefetch = min(float(zero["stage3_prefetch_bucket_size"]), total_params)
+        # The cap on live parameters is checked before a fetch, so a prefetch bucket can go past it.
+        live = min(float(zero["stage3_max_live_parameters"]) + prefetch, total_params)
         add(Item("ZeRO-3 gathered weights", live * b,
-                 f"up to {live / 1e6:,.0f}M params whole at once (stage3_max_live_parameters)"))
-        add(Item("ZeRO-3 prefetch bucket", prefetch * b * (2 if not on_gpu else 1),
-                 f"{prefetch:.0e} elements" + ("; gloo stages a copy" if not on_gpu else "")))
+                 f"up to {live / 1e6:,.0f}M params whole at once (stage3_max_live_parameters + a prefetch bucket)"))
+        add(Item("ZeRO-3 all-gather staging", prefetch * b, f"one prefetch bucket, {prefetch:.0e} elements"))
 
     mb, seq = cfg.train.micro_batch_size, cfg.train.seq_len
     acts = count_activations(model, mb, seq)

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Start this node's share of a multi-node run, for clusters without ssh between nodes (SLURM, Kubernetes, any
+# scheduler that starts one process per node). Run it on every node, with the same arguments:
+#
+#   NODE_RANK=0 NNODES=2 MASTER_ADDR=10.0.0.1 GPUS_PER_NODE=8 bash launch/node.sh --config CONFIG.yaml ...
+#   NODE_RANK=1 NNODES=2 MASTER_ADDR=10.0.0.1 GPUS_PER_NODE=8 bash launch/node.sh --config CONFIG.yaml ...
+#
+# Environment:
+#   NODE_RANK      this node's index, 0 .. NNODES-1 (required)
+#   NNODES         number of nodes (required)
+#   MASTER_ADDR    address of node 0, reachable from every node (required when NNODES > 1; 127.0.0.1 otherwise)
+#   MASTER_PORT    a free TCP port on node 0, the same on every node (default 29500)
+#   GPUS_PER_NODE  ranks on each node (default: the number of GPUs nvidia-smi lists here)
+#   HOSTFILE       optional DeepSpeed hostfile ("host slots=N" lines, node 0 first) for nodes with different slot
+#                  counts; without it, one with NNODES lines of GPUS_PER_NODE slots is written to a temporary file.
+#                  With --no_ssh the host names are only labels: nothing connects to them.
+#
+# Arguments are launch/train.py's. They are used as given, in the current directory (relative paths in them mean
+# what they mean here); the script finds launch/train.py from its own location.
+#
+# What it runs:
+#   deepspeed --no_ssh --node_rank K --num_nodes N --master_addr A --master_port P --hostfile H --num_gpus G \
+#       launch/train.py ARGS...
+# The global rank of local rank L is K * GPUS_PER_NODE + L; rank 0 (on node 0) writes metrics.jsonl and seals the
+# checkpoints, and output_dir must be on a filesystem every node shares.
+#
+# Signals: SIGTERM or SIGINT to this script is passed to the whole DeepSpeed process tree (the `deepspeed` runner
+# does not forward signals to its ranks when it runs one node), every rank finishes its step and saves a
+# checkpoint, and the script returns only once every process it started has exited, with status 128 + signal
+# (143 for SIGTERM). A batch system that ends a step when its main process exits (SLURM kills what is left)
+# therefore never cuts a checkpoint short. Other exits are the launcher's status: 0 done, 2 bad input, 143 a rank
+# stopped by SIGTERM, anything else a failure. Bad environment here: one "node.sh: error:" line, exit 2.
+
+set -u
+
+die() {
+    echo "node.sh: error: $*" >&2
+    exit 2
+}
+
+in_range() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= $2 && 10#$1 <= $3)); } # VALUE MIN MAX, a decimal integer
+
+here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P) || die "cannot resolve the script's directory"
+train="$(dirname -- "$here")/launch/train.py"
+[[ -f $train ]] || die "$train not found (node.sh must stay in the repository's launch/ directory)"
+
+[[ -n ${NNODES:-} ]] || die "NNODES is not set (number of nodes taking part, e.g. NNODES=2)"
+in_range "$NNODES" 1 100000 || die "NNODES=$NNODES is not a positive integer"
+NNODES=$((10#$NNODES))
+[[ -n ${NODE_RANK:-} ]] || die "NODE_RANK is not set (this node's index, 0 .. $((NNODES - 1)))"
+in_range "$NODE_RANK" 0 100000 || die "NODE_RANK=$NODE_RANK is not an integer 0 .. $((NNODES - 1))"
+NODE_RANK=$((10#$NODE_RANK))
+((NODE_RANK < NNODES)) || die "NODE_RANK=$NODE_RANK is out of range for NNODES=$NNODES (0 .. $((NNODES - 1)))"
+if [[ -z ${MASTER_ADDR:-} ]]; then
+    ((NNODES == 1)) || die "MASTER_ADDR is not set (address of node 0, reachable from every node)"
+    MASTER_ADDR=127.0.0.1
+fi
+MASTER_PORT=${MASTER_PORT:-29500}
+in_range "$MASTER_PORT" 1 65535 || die "MASTER_PORT=$MASTER_PORT is not a TCP port (1 .. 65535)"
+MASTER_PORT=$((10#$MASTER_PORT))
+
+if [[ -z ${GPUS_PER_NODE:-} && -z ${HOSTFILE:-} ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        GPUS_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ')
+    fi
+    [[ ${GPUS_PER_NODE:-0} != 0 ]] ||
+        die "GPUS_PER_NODE is not set and nvidia-smi lists no GPU here; set GPUS_PER_NODE (ranks per node)"
+fi
+if [[ -n ${GPUS_PER_NODE:-} ]]; then
+    in_range "$GPUS_PER_NODE" 1 1024 || die "GPUS_PER_NODE=$GPUS_PER_NODE is not a positive integer"
+    GPUS_PER_NODE=$((10#$GPUS_PER_NODE))
+fi
+command -v deepspeed >/dev/null 2>&1 ||
+    die "deepspeed is not on PATH (activate the environment the project is installed in)"
+
+tmp_hostfile=
+# shellcheck disable=SC2317  # (trap handlers)
+cleanup() { [[ -z $tmp_hostfile ]] || rm -f -- "$tmp_hostfile"; }
+trap cleanup EXIT
+if [[ -n ${HOSTFILE:-} ]]; then
+    [[ -f $HOSTFILE && -r $HOSTFILE ]] || die "HOSTFILE=$HOSTFILE is not a readable file"
+    hosts=$(grep -cE '^[[:space:]]*[^#[:space:]][^[:space:]]*[[:space:]]+slots=[0-9]+' "$HOSTFILE")
+    ((hosts >= NNODES)) ||
+        die "HOSTFILE=$HOSTFILE lists $hosts host(s) ('host slots=N' lines); NNODES=$NNODES needs $NNODES"
+    hostfile=$HOSTFILE
+else
+    tmp_hostfile=$(mktemp "${TMPDIR:-/tmp}/loraplus-hostfile.XXXXXX") || die "cannot create a temporary hostfile"
+    for ((i = 0; i < NNODES; i++)); do echo "node-$i slots=$GPUS_PER_NODE"; done >"$tmp_hostfile" ||
+        die "cannot write the temporary hostfile $tmp_hostfile"
+    hostfile=$tmp_hostfile
+fi
+
+cmd=(deepspeed --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR"
+    --master_port "$MASTER_PORT" --hostfile "$hostfile")
+[[ -z ${GPUS_PER_NODE:-} ]] || cmd+=(--num_gpus "$GPUS_PER_NODE")
+cmd+=("$train" "$@")
+echo "node.sh: node $NODE_RANK of $NNODES, ${GPUS_PER_NODE:-hostfile} rank(s) per node," \
+    "rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+
+# The DeepSpeed tree runs in a process group of its own (job control on), so a signal can reach all of it.
+stop_signal=
+group=
+# shellcheck disable=SC2317
+forward() {
+    [[ -n $stop_signal ]] || stop_signal=$1
+    [[ -z $group ]] || kill -s "$1" -- "-$group" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+set -m
+"${cmd[@]}" &
+group=$!
+set +m
+[[ -z $stop_signal ]] || kill -s "$stop_signal" -- "-$group" 2>/dev/null || true # signalled while starting
+
+status=0
+while :; do
+    wait "$group"
+    status=$?
+    kill -0 "$group" 2>/dev/null || break # else the wait was cut short by a trapped signal: wait on
+done
+
+group_alive() { # any process of the group left that is not a zombie (the runner's children are orphans now)
+    if command -v ps >/dev/null 2>&1; then
+        ps -A -o pgid= -o stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+    else
+        kill -0 -- "-$1" 2>/dev/null
+    fi
+}
+
+if [[ -n $stop_signal ]]; then
+    # The runner dies at once on a signal; the DeepSpeed launcher and the ranks finish the step and save (the
+    # launcher SIGKILLs ranks that are not done 30 s after its signal). Wait for all of them, and make sure.
+    waited=0
+    while group_alive "$group"; do
+        if ((waited >= 1200)); then # 120 s
+            echo "node.sh: processes left 120 s after $stop_signal; killing them" >&2
+            kill -s KILL -- "-$group" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    exit $((128 + $(kill -l "$stop_signal")))
+fi
+exit "$status"
