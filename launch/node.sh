@@ -92,7 +92,8 @@ fi
 
 cmd=(deepspeed --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT" --hostfile "$hostfile")
-[[ -z ${GPUS_PER_NODE:-} ]] || cmd+=(--num_gpus "$GPUS_PER_NODE")
+# A HOSTFILE's slot counts rule (--num_gpus would override every node's); else GPUS_PER_NODE is the count.
+[[ -n ${HOSTFILE:-} || -z ${GPUS_PER_NODE:-} ]] || cmd+=(--num_gpus "$GPUS_PER_NODE")
 cmd+=("$train" "$@")
 echo "node.sh: node $NODE_RANK of $NNODES, ${GPUS_PER_NODE:-hostfile} rank(s) per node," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT" >&2

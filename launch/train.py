@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
 from pipeline import checkpoint, loraplus, resume, scorer, tiny  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
-from pipeline.errors import exit_on_user_error  # noqa: E402
+from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
 
 
@@ -44,6 +44,11 @@ def main(argv=None) -> None:
     ds_path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
     ds_json = dist.read_ds_json(ds_path)
     scoring = scorer.enabled(cfg.eval.mmlu, model_is_builtin=cfg.model.name_or_path == tiny.BUILTIN_MODEL)
+    if cfg.model.random_init and scoring:
+        if cfg.eval.mmlu.every_checkpoint == "true":
+            raise UserError("eval.mmlu.every_checkpoint=true cannot score model.random_init runs: their adapters "
+                            "have no base model on disk to load with")
+        scoring = False
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
     from pipeline.model import check_model_dir, check_shape, has_tokenizer
 
@@ -102,6 +107,12 @@ def main(argv=None) -> None:
         ds_config["checkpoint"] = {"load_universal": True}  # another world size: see resume.restore
     precision = dist.precision(ds_config, info.on_gpu)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if cfg.model.random_init:
+        if len(tokenizer) > cfg.model.shape.vocab_size:
+            raise UserError(f"the tokenizer of {cfg.model.name_or_path} has {len(tokenizer):,} tokens, more than "
+                            f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
+        log.print(f"model: random weights of model.shape ({cfg.model.shape.num_hidden_layers} layers, width "
+                  f"{cfg.model.shape.hidden_size}; model.random_init=true), tokenizer of {cfg.model.name_or_path}")
     samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
     log.print(f"data: {data_report}")
     data_id = fingerprint(samples)

@@ -107,9 +107,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         consecutive_bad = consecutive_bad + 1 if bad else 0
 
         progress.step = done
-        # One scalar max over ranks: a signal seen by any rank stops every rank after this step, and the
-        # busiest rank's memory peak so far (MiB) goes into the row.
-        signum, mem_mib = dist.max_over_ranks([stop.signum, meter.peak() // 2 ** 20 if meter else 0])
+        mem_mib = dist.max_over_ranks(meter.peak() // 2 ** 20) if meter else 0  # the busiest rank's peak so far
         dt = time.perf_counter() - t0
         reporter.step({
             "step": done,
@@ -137,6 +135,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             progress.elapsed_s += clock.lap()
             save(progress)
             saved = True
+        signum = dist.max_over_ranks(stop.signum)  # a signal seen by any rank (even during the save) stops all
         if signum:
             if not saved:
                 progress.elapsed_s += clock.lap()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-GB = 1024 ** 3
+GiB = 1024 ** 3
 
 
 def _status_kb(field: str) -> int:

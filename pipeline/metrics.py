@@ -130,13 +130,20 @@ def describe_load(model, load_peak: int, local_numel, gather) -> list[str]:
     """Per rank: how much of the base model it holds after loading (a ZeRO-3 partition, or all of it) and its
     memory peak while loading, beside the size of one full copy. A collective: every rank calls it."""
     from pipeline.loraplus import numel
-    from pipeline.memory import GB
+    from pipeline.memory import GiB
 
     params = list(model.parameters())
     total = sum(numel(p) for p in params)
     full = sum(numel(p) * p.element_size() for p in params)
+    ranks = gather((local_numel(params), load_peak))
+    shown = range(len(ranks))
+    if len(ranks) > 8:  # rank 0 (it reads the files) and the busiest other rank
+        shown = [0, max(range(1, len(ranks)), key=lambda r: ranks[r][1])]
     lines = []
-    for rank, (held, peak) in enumerate(gather((local_numel(params), load_peak))):
+    for rank in shown:
+        held, peak = ranks[rank]
         lines.append(f"memory: rank {rank} holds {held:,} of {total:,} base parameters ({100 * held / total:.1f}%); "
-                     f"peak while loading {peak / GB:.2f} GB (one full copy of the weights: {full / GB:.2f} GB)")
+                     f"peak while loading {peak / GiB:.2f} GiB (one full copy of the weights: {full / GiB:.2f} GiB)")
+    if len(ranks) > 8:
+        lines.append(f"memory: ({len(ranks) - 2} more ranks within these figures)")
     return lines

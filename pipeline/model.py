@@ -62,12 +62,15 @@ def check_shape(config: dict, shape, path: str) -> None:
                         f"point model.name_or_path at the right weights, or use a recipe for this model")
 
 
+LLAMA_ROPE_THETA = 10000.0  # transformers' LlamaConfig default, what a config.json without the key means
+
+
 def config_value(config: dict, key: str):
     """A dimension from a ``config.json`` mapping, whichever transformers version wrote it."""
     if key == "num_key_value_heads":  # absent means one KV head per query head
         return config.get(key) or config.get("num_attention_heads")
-    if key == "rope_theta":  # transformers 5 nests it in rope_parameters
-        return config.get(key) or (config.get("rope_parameters") or {}).get(key)
+    if key == "rope_theta":  # transformers 5 nests it in rope_parameters; Llama-2's 4.31-era file omits it
+        return config.get(key) or (config.get("rope_parameters") or {}).get(key) or LLAMA_ROPE_THETA
     return config.get(key)
 
 
@@ -184,6 +187,19 @@ def _stream_into_partitions(model: torch.nn.Module, path: Path, weight_map: dict
     by_file: dict[str, list[str]] = {}
     for name in params:
         by_file.setdefault(weight_map[name], []).append(name)
+    # Every rank checks the shapes from the shard headers (cheap) before the first collective, so a bad checkpoint
+    # stops all ranks with one message instead of leaving the others waiting in an all-gather.
+    for file, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(path / file), framework="pt") as shard:
+                for name in names:
+                    have, want = tuple(shard.get_slice(name).get_shape()), tuple(getattr(params[name], "ds_shape",
+                                                                                         params[name].shape))
+                    if have != want:
+                        raise UserError(f"{path / file}: tensor {name} has shape {have}, the model's config.json "
+                                        f"needs {want}")
+        except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError (a RuntimeError)
+            raise UserError(f"{path / file}: cannot read the safetensors shard ({e})") from None
     for file, names in sorted(by_file.items()):
         shard = safe_open(str(path / file), framework="pt") if rank0 else None
         try:
@@ -191,12 +207,7 @@ def _stream_into_partitions(model: torch.nn.Module, path: Path, weight_map: dict
                 param = params[name]
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if rank0:
-                        value = shard.get_tensor(name)
-                        if tuple(value.shape) != tuple(param.shape):
-                            raise UserError(f"{path / file}: tensor {name} has shape {tuple(value.shape)}, the "
-                                            f"model's config.json needs {tuple(param.shape)}")
-                        param.data.copy_(value)
-                        del value
+                        param.data.copy_(shard.get_tensor(name))
         finally:
             del shard  # unmaps the file
     return True

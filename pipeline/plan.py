@@ -11,8 +11,10 @@ Per rank, with N ranks, ZeRO stage S, b bytes per compute element (bf16: 2; CPU:
 
 - frozen base weights: P_frozen * b, divided by N under ZeRO-3;
 - LoRA weights: P_lora * b (/N under ZeRO-3), plus fp32 master copies (4 bytes, /N from ZeRO-1) in bf16;
-- gradients: fp32 partitions (/N) from ZeRO-2, else whole, in the compute dtype;
-- Adam: two fp32 moments per parameter of each LoRA+ group, /N from ZeRO-1 (on the host when offloaded);
+- gradients: fp32 partitions (/N) from ZeRO-2; else whole in the compute dtype, plus fp32 ones in bf16 (/N at
+  ZeRO-1);
+- Adam: two fp32 moments per parameter of each LoRA+ group, /N from ZeRO-1 (with optimizer offload these, the
+  fp32 masters and fp32 gradients are host memory, listed apart);
 - ZeRO buffers, from the DeepSpeed JSON: ZeRO-1/2 reduce buckets (two with ``overlap_comm``); ZeRO-3 one reduce
   bucket, the parameters gathered whole for compute (up to ``stage3_max_live_parameters`` plus a prefetch
   bucket; with the shipped 1e9, every parameter of a model below 1B) and one bucket of all-gather staging;
@@ -28,14 +30,14 @@ what fills it (``device="cpu"``), which is how ``tests/test_plan.py`` checks the
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-
-GiB = 1024 ** 3
+from pipeline.memory import GiB
 
 # DeepSpeed's defaults for the keys the plan reads (deepspeed/runtime/zero/config.py).
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "overlap_comm": False, "stage3_prefetch_bucket_size": 5e7,
@@ -96,8 +98,9 @@ def meta_model(cfg: Config, dtype: torch.dtype):
 
     config = model_config(cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 attn_implementation=cfg.model.attn_implementation)
+        # sdpa whatever the recipe says: attention is counted as a fused kernel (_FusedAttention) either way,
+        # and flash-attn cannot run on meta tensors.
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     model.config.use_cache = False
     with torch.device("meta"):
@@ -241,16 +244,18 @@ def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, d
     add(Item("frozen base weights", frozen * b / (n if stage == 3 else 1),
              f"{frozen / 1e9:.2f}B params, {precision}" + (f", 1/{n} each (ZeRO-3)" if stage == 3 else ", whole")))
     add(Item("LoRA weights", lora * b / (n if stage == 3 else 1), f"{lora / 1e6:.1f}M params"))
+    optimizer_side = []  # what optimizer offload moves to the host: fp32 masters and gradients, Adam states
     if b < 4:
-        add(Item("fp32 master weights", 4 * lora / shard, f"1/{shard}" if shard > 1 else "whole"))
-    grads = 4 * lora / n if stage >= 2 else lora * b + (4 * lora if b < 4 else 0)
-    add(Item("gradients", grads, "fp32 partition" if stage >= 2 else "whole"))
-    adam = [Item(f"Adam states ({name})", 8 * count / shard, f"{count / 1e6:.1f}M params x 2 moments fp32")
-            for name, count in groups.items()]
-    if offload:
-        plan.host.extend(adam)
-    else:
-        plan.items.extend(adam)
+        optimizer_side.append(Item("fp32 master weights", 4 * lora / shard, f"1/{shard}" if shard > 1 else "whole"))
+    if stage >= 2:
+        optimizer_side.append(Item("gradients", 4 * lora / n, "fp32 partition"))
+    else:  # whole gradients in the compute dtype; in bf16 also fp32 ones, partitioned from ZeRO-1
+        add(Item("gradients", lora * b, "whole"))
+        if b < 4:
+            optimizer_side.append(Item("fp32 gradients", 4 * lora / shard, f"1/{shard}" if shard > 1 else "whole"))
+    optimizer_side += [Item(f"Adam states ({name})", 8 * count / shard, f"{count / 1e6:.1f}M params x 2 moments "
+                            f"fp32") for name, count in groups.items()]
+    (plan.host if offload else plan.items).extend(optimizer_side)
 
     bucket = float(zero["reduce_bucket_size"])
     if stage in (1, 2):
@@ -304,9 +309,13 @@ def verdict(plan: Plan) -> str:
         advice.append("deepspeed_configs/zero3.json (partitions the frozen weights over the GPUs)")
     else:
         weights = plan.get("frozen base weights")
-        need = f["gpus"] * weights / max(budget - (total - weights), 1.0)
-        if need > f["gpus"]:
-            advice.append(f"more GPUs: the frozen weights alone need about {int(need) + 1} under ZeRO-3")
+        room = budget - (total - weights)  # what is left for the weights' share after everything else
+        if room <= 0:
+            advice.append("less memory per GPU outside the weights (activations and buffers alone overflow it; "
+                          "more GPUs do not help)")
+        elif f["gpus"] * weights / room > f["gpus"]:
+            advice.append(f"more GPUs: about {math.ceil(f['gpus'] * weights / room)} under ZeRO-3 for the frozen "
+                          f"weights' share to fit")
     if not f["offload"] and f["stage"] >= 1:
         adam = sum(i.bytes for i in plan.items if i.name.startswith("Adam"))
         if adam > 0.05 * total:

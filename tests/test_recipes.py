@@ -93,3 +93,21 @@ def test_weights_of_another_architecture_are_refused(tiny_model_dir):
     with pytest.raises(UserError, match=r"hidden_size: recipe 4096, .*config.json 64"):
         check_shape(config, cfg.model.shape, str(tiny_model_dir))
     check_shape(config, make_config().model.shape, str(tiny_model_dir))  # nothing declared: nothing to refuse
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipe_accepts_the_published_config_json(name):
+    """The Hub's config.json files of Llama 2 were written by transformers 4.31 and carry no rope_theta; the
+    recipes must accept them as they are (and still refuse another model's)."""
+    from pipeline.errors import UserError
+    from pipeline.model import check_shape
+
+    hub = {k: v for k, v in PUBLISHED[name].items() if k != "params"}
+    if name.startswith("llama2"):
+        del hub["rope_theta"]
+    hub.update(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5)
+    cfg = make_config(REPO / "launch" / "configs" / name)
+    check_shape(hub, cfg.model.shape, "/weights")
+    other = "llama2-13b.yaml" if name != "llama2-13b.yaml" else "llama2-7b.yaml"
+    with pytest.raises(UserError, match="not the architecture the recipe is sized for"):
+        check_shape(hub, make_config(REPO / "launch" / "configs" / other).model.shape, "/weights")
