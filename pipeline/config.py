@@ -231,6 +231,9 @@ class TrainConfig:
     keep_last: int = 0
     """Keep only the newest K checkpoints (0: keep all). Older ones are deleted only after a newer one is
     complete."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one GPU (or CPU rank) for ``mfu``/``hfu`` in ``metrics.jsonl``. 0: from the GPU name
+    (H100/H200 989, A100 312, L40S 362; bf16 dense); on CPU or another GPU ``mfu`` is then null."""
     on_nonfinite: str = "skip"
     """A step whose loss or gradient norm is NaN/inf: ``skip`` it (no update; counted in ``metrics.jsonl``) or
     ``stop`` the run with an error. Either way the optimizer state and the checkpoints stay finite."""
@@ -239,6 +242,7 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", f"must be >= 1; got {value}")
+        _check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU name); got {self.peak_tflops}")
         for key in ("save_every", "keep_last"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
         _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",

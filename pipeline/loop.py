@@ -15,6 +15,7 @@ from pipeline import faults
 from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, Sample, collate, rank_micro_batches
 from pipeline.errors import RunError
+from pipeline.flops import batch_flops, flop_model, peak_tflops
 from pipeline.memory import MemoryMeter
 from pipeline.metrics import Reporter, Stopwatch
 from pipeline.preempt import StopRequest
@@ -52,17 +53,22 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
     engine.train()
     consecutive_bad = 0
     fp16 = engine.fp16_enabled()
+    fm = flop_model(engine.module)
+    peak = peak_tflops(cfg.train.peak_tflops, info.on_gpu)
+    checkpointing = cfg.model.gradient_checkpointing
     for step in range(progress.step, cfg.train.max_steps):
         t0 = time.perf_counter()
         done = step + 1
         micro = rank_micro_batches(n, cfg.seed, step, mb, ga, info.rank, world)
         batches = [collate([samples[i] for i in idx], pad_id) for idx in micro]
 
-        # One all-reduce for the step's normalisers: label tokens and non-padding tokens, all ranks.
+        # One all-reduce for the step's normalisers (label tokens, non-padding tokens) and FLOPs, all ranks.
+        flops = [batch_flops(fm, b["attention_mask"], checkpointing) for b in batches]
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                               sum(int(b["attention_mask"].sum()) for b in batches),
+                               sum(f[0] for f in flops), sum(f[1] for f in flops)], dtype=torch.float64,
                               device=info.device)
-        label_tokens, tokens = (float(x) for x in dist.all_reduce_sum(counts))  # CPU-GPU sync point
+        label_tokens, tokens, model_flops, hardware_flops = (float(x) for x in dist.all_reduce_sum(counts))
         lrs = dist.current_lrs(engine)  # the lrs this step's update will use (the scheduler moves after it)
         skipped_before = engine.skipped_steps
 
@@ -122,6 +128,8 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             "skipped": bad or ds_skipped,
             "nonfinite_steps": progress.nonfinite_steps,
             "mem_peak_gb": round(mem_mib / 1024, 3) if meter and meter.available else None,
+            "mfu": round(model_flops / dt / (peak * 1e12 * world), 5) if peak else None,
+            "hfu": round(hardware_flops / dt / (peak * 1e12 * world), 5) if peak and checkpointing else None,
         })
         if bad and cfg.train.on_nonfinite == "stop":
             raise RunError(f"step {done}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}); the "
