@@ -7,6 +7,7 @@ each rank materialises only its partition of the frozen base weights, never a fu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -119,9 +120,12 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
-        if not _stream_into_partitions(model, Path(path), weight_map):
+        with _partitioned_without_init():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+        if _stream_into_partitions(model, Path(path), weight_map):
+            model.tie_weights()
+        else:
             del model
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
@@ -154,6 +158,28 @@ def _zero3_active() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def _partitioned_without_init():
+    """Build under ``deepspeed.zero.Init`` without initialising weights the checkpoint overwrites anyway.
+
+    ``from_config`` alone would gather every module, random-initialise it on rank 0 and broadcast it
+    (``initialize_weights_zero3``): a wasted pass over all the weights (140 GB of broadcasts at 70B). These are the
+    contexts transformers 5.x itself enters for ZeRO-3 construction, minus that pass; where they are missing (another
+    transformers version), the model is built the ordinary way.
+    """
+    try:
+        import deepspeed
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:
+        yield
+        return
+    with no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+        yield
 
 
 def _weight_map(path: Path) -> dict[str, str] | None:
