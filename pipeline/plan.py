@@ -176,7 +176,6 @@ def count_activations(model, micro_batch: int, seq_len: int) -> Activations:
         hooks.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, -1)))
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     labels = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
-    was_checkpointing = model.is_gradient_checkpointing if hasattr(model, "is_gradient_checkpointing") else False
     try:
         with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             # A ready-made 4-D mask (free on meta) keeps transformers from inspecting values meta tensors lack.
@@ -186,7 +185,6 @@ def count_activations(model, micro_batch: int, seq_len: int) -> Activations:
     finally:
         for h in hooks:
             h.remove()
-    del was_checkpointing
     per_block = max((sum(v.values()) for k, v in by_block.items() if k >= 0), default=0)
     hidden = model.config.hidden_size
     dtype_bytes = next(model.parameters()).element_size()
