@@ -74,7 +74,7 @@ command -v deepspeed >/dev/null 2>&1 ||
     die "deepspeed is not on PATH (activate the environment the project is installed in)"
 
 tmp_hostfile=
-# shellcheck disable=SC2317  # (trap handlers)
+# shellcheck disable=SC2317,SC2329  # (trap handlers)
 cleanup() { [[ -z $tmp_hostfile ]] || rm -f -- "$tmp_hostfile"; }
 trap cleanup EXIT
 if [[ -n ${HOSTFILE:-} ]]; then
@@ -101,7 +101,7 @@ echo "node.sh: node $NODE_RANK of $NNODES, ${GPUS_PER_NODE:-hostfile} rank(s) pe
 # The DeepSpeed tree runs in a process group of its own (job control on), so a signal can reach all of it.
 stop_signal=
 group=
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317,SC2329
 forward() {
     [[ -n $stop_signal ]] || stop_signal=$1
     [[ -z $group ]] || kill -s "$1" -- "-$group" 2>/dev/null || true
