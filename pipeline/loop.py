@@ -124,6 +124,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             "label_tokens": int(label_tokens),
             "tokens_per_s": tokens / dt,
             "elapsed_s": round(progress.elapsed_s + clock.elapsed(), 4),
+            "time": round(time.time(), 4),
             "epoch": done * mb * ga * world / n,
             "skipped": bad or ds_skipped,
             "nonfinite_steps": progress.nonfinite_steps,
