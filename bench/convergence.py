@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 ABORTS_AT_EXIT: list[str] = []
 N_WORDS = 48
 SEQ_WORDS = 24  # words per sample
+MAX_LR_B = 0.1  # grid points with a larger lr_B are not run (see run())
 
 
 def words(rng: random.Random) -> list[str]:
@@ -103,15 +105,18 @@ def pretrain(width: int, texts: list[str], steps: int, out: Path) -> Path:
 
 
 def finetune(model_dir: Path, data: Path, out: Path, ratio: float, lr: float, seed: int,
-             steps: int) -> list[float] | None:
+             steps: int, threads: int = 0) -> list[float] | None:
     """One fine-tune through launch/train.py (one process, DeepSpeed ZeRO-0); the per-step losses, or None when
-    the run diverged (the pipeline stops after 10 non-finite steps in a row)."""
+    the run diverged (the pipeline stops after 10 non-finite steps in a row). ``threads``: torch's intra-op
+    threads for this process (0: torch's default)."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), f"output_dir={out}", "--overwrite",
            "--deepspeed_config", "deepspeed_configs/zero0.json", f"model.name_or_path={model_dir}",
            f"data.path={data}", "data.format=text", f"optim.lr={lr}", f"optim.loraplus_ratio={ratio}",
            f"seed={seed}", f"train.max_steps={steps}", "train.micro_batch_size=8", "train.seq_len=128",
            "schedule.name=constant", "lora.r=8", "lora.alpha=16", "eval.mmlu.every_checkpoint=false"]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, check=False)
     if proc.returncode == 1 and "non-finite" in proc.stderr:
         return None  # diverged at this lr: out of the grid's running
@@ -160,23 +165,36 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         model_dir = pretrain(width, pre_texts, args.pretrain_steps, work / f"base-{width}")
         print(f"width {width}: pre-trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        jobs = ThreadPoolExecutor(args.jobs)  # independent fine-tunes side by side, one thread each by default
+        slot = iter(range(10 ** 6))
+
+        def tune(ratio: float, lr: float, seed: int) -> list[float] | None:
+            return finetune(model_dir, data, work / f"run-{next(slot)}", ratio, lr, seed, args.steps, args.threads)
+
+        # The grid, on seed 0. Points whose lr_B = lambda x lr_A exceeds MAX_LR_B are left out: in the first full
+        # run every such point diverged (final loss at chance, bench/README.md), so they cost time and decide nothing.
+        points = [(ratio, lr) for ratio in args.ratios for lr in args.lrs if ratio * lr <= MAX_LR_B]
+        grid: dict[float, dict[float, list[float] | None]] = {ratio: {} for ratio in args.ratios}
+        for (ratio, lr), losses in zip(points, jobs.map(lambda pt: tune(pt[0], pt[1], 0), points)):
+            grid[ratio][lr] = losses
+            print(f"  lambda {ratio:g} lr {lr:g}: " + (f"final {_final(losses):.4f}" if losses else "diverged"),
+                  flush=True)
+        best = {}
+        for ratio in args.ratios:
+            best[ratio] = min(grid[ratio], key=lambda lr: _final(grid[ratio][lr]))
+            if math.isinf(_final(grid[ratio][best[ratio]])):
+                raise SystemExit(f"bench: every lr of the grid diverged at width {width}, lambda {ratio:g}")
+        more = [(ratio, s) for ratio in args.ratios for s in range(1, args.seeds)]
+        seeded = dict(zip(more, jobs.map(lambda rs: tune(rs[0], best[rs[0]], rs[1]), more)))
+        jobs.shutdown()
         per_method = {}
         for ratio in args.ratios:
-            grid = {}
-            for lr in args.lrs:
-                losses = finetune(model_dir, data, work / "run", ratio, lr, 0, args.steps)
-                grid[lr] = losses
-                print(f"  lambda {ratio:g} lr {lr:g}: " + (f"final {smooth(losses)[-1]:.4f}" if losses else "diverged"),
-                      flush=True)
-            best = min(grid, key=lambda lr: _final(grid[lr]))
-            if math.isinf(_final(grid[best])):
-                raise SystemExit(f"bench: every lr of the grid diverged at width {width}, lambda {ratio:g}")
-            runs = [grid[best]] + [finetune(model_dir, data, work / "run", ratio, best, s, args.steps)
-                                   for s in range(1, args.seeds)]
+            runs = [grid[ratio][best[ratio]]] + [seeded[(ratio, s)] for s in range(1, args.seeds)]
             if any(r is None for r in runs):
-                raise SystemExit(f"bench: width {width}, lambda {ratio:g}, lr {best:g} diverged on another seed")
-            finals = {str(k): _final(v) for k, v in grid.items()}
-            per_method[ratio] = {"lr": best, "losses": runs,
+                raise SystemExit(f"bench: width {width}, lambda {ratio:g}, lr {best[ratio]:g} diverged on another seed")
+            finals = {str(k): _final(v) for k, v in grid[ratio].items()}
+            lrs = sorted(grid[ratio])
+            per_method[ratio] = {"lr": best[ratio], "losses": runs, "lr_at_grid_edge": best[ratio] in (lrs[0], lrs[-1]),
                                  "grid_final": {k: (v if math.isfinite(v) else None) for k, v in finals.items()}}
         base = per_method[1.0] if 1.0 in per_method else next(iter(per_method.values()))
         target = sum(smooth(r)[-1] for r in base["losses"]) / len(base["losses"])
@@ -200,7 +218,8 @@ def table(results: dict) -> str:
     for width, w in results["widths"].items():
         for k, m in w["methods"].items():
             name = "LoRA" if float(k) == 1.0 else f"LoRA+ (lambda {float(k):g})"
-            lines.append(f"| {width} | {name} | {m['lr']:g} | {m['steps_to_target']:.1f} | x{m['speedup']:.2f} | "
+            edge = " (grid edge)" if m.get("lr_at_grid_edge") else ""
+            lines.append(f"| {width} | {name} | {m['lr']:g}{edge} | {m['steps_to_target']:.1f} | x{m['speedup']:.2f} | "
                          f"{m['final']:.4f} |")
     return "\n".join(lines)
 
@@ -240,13 +259,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one width, lr, seed; few steps (CI)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "convergence")
+    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="fine-tunes run side by side (default: one per core, up to 8)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # torch threads per fine-tune
     if args.quick:
         args.widths, args.ratios, args.lrs, args.seeds, args.steps, args.pretrain_steps = \
             [128], [1.0, 16.0], [1e-3], 1, 12, 30
     else:
         args.widths, args.ratios, args.lrs, args.seeds, args.steps, args.pretrain_steps = \
-            [128, 256, 512], [1.0, 4.0, 16.0], [1e-3, 4e-3, 1.6e-2], 3, 100, 300
+            [128, 256, 512], [1.0, 4.0, 16.0], [2.5e-4, 1e-3, 4e-3, 1.6e-2], 3, 80, 300
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run(args)
