@@ -16,7 +16,8 @@ pipeline assembles it, and the seed before ``get_peft_model`` (so the A matrices
 Trainer's own (transformers' causal-LM loss, averaged over the global batch's label tokens, as ours is).
 
 Rank 0 writes ``OUTPUT_DIR/baseline_metrics.jsonl``: per step the loss, each param group's lr, the Unix time at
-the step's end and the busiest rank's peak memory (GPU allocator; on CPU the bench measures the processes).
+the step's end, the step's non-padding tokens and model FLOPs over all ranks (``pipeline/flops.py``), and the
+busiest rank's peak memory (GPU allocator; on CPU the bench measures the processes instead).
 """
 
 import argparse
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
                               TrainingArguments)
 
     from pipeline.data import collate, load_samples, rank_micro_batches
+    from pipeline.flops import batch_flops, flop_model
     from pipeline.model import shape_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,11 +97,22 @@ def main(argv=None) -> None:
                                              target_modules=list(cfg.lora.target_modules), bias="none",
                                              task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
 
-    # The same per-rank batches, step by step (what launch/train.py's loop feeds this rank).
+    # The same per-rank batches, step by step (what launch/train.py's loop feeds this rank), and each step's
+    # non-padding tokens and model FLOPs over all ranks (pipeline/flops.py's count, for tokens/s and MFU).
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
-    batches = [collate([samples[i] for i in idx], tokenizer.pad_token_id)
-               for step in range(cfg.train.max_steps)
-               for idx in rank_micro_batches(len(samples), cfg.seed, step, mb, ga, rank, world)]
+    fm = flop_model(model)
+    batches, step_tokens, step_flops = [], [], []
+    for step in range(cfg.train.max_steps):
+        tokens = flops = 0.0
+        for r in range(world):
+            for idx in rank_micro_batches(len(samples), cfg.seed, step, mb, ga, r, world):
+                b = collate([samples[i] for i in idx], tokenizer.pad_token_id)
+                tokens += float(b["attention_mask"].sum())
+                flops += batch_flops(fm, b["attention_mask"], False)[0]
+                if r == rank:
+                    batches.append(b)
+        step_tokens.append(int(tokens))
+        step_flops.append(flops)
 
     class LoraPlusTrainer(Trainer):
         def create_optimizer(self, model=None):
@@ -126,8 +139,9 @@ def main(argv=None) -> None:
             if on_gpu:
                 torch.cuda.synchronize()
             groups = optimizer.param_groups if optimizer is not None else []
-            rows.append({"step": state.global_step, "time": round(time.time(), 4),
-                         "lrs": [g["lr"] for g in groups if g["params"]]})
+            k = state.global_step
+            rows.append({"step": k, "time": round(time.time(), 4), "lrs": [g["lr"] for g in groups if g["params"]],
+                         "tokens": step_tokens[k - 1], "model_flops": step_flops[k - 1]})
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and rows and rows[-1]["step"] == state.global_step:

@@ -1,0 +1,71 @@
+"""The benchmarks' quick modes: each bench runs end to end, and what it reports is checked where it can be
+(the speed-ups and ratios themselves are for bench/README.md, not for a test on a shared 2-core machine)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, f"bench/{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_convergence_quick(tmp_path):
+    out = tmp_path / "convergence"
+    bench("convergence.py", "--quick", "--out", str(out))
+    res = json.loads(out.with_suffix(".json").read_text())
+    (width, w), = res["widths"].items()
+    assert set(w["methods"]) == {"1.0", "16.0"}
+    for m in w["methods"].values():
+        (losses,) = m["losses"]
+        assert len(losses) == res["config"]["steps"] and all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0]  # the fine-tune learns
+        assert 1 <= m["steps_to_target"] <= res["config"]["steps"]
+    assert w["methods"]["1.0"]["speedup"] == 1.0
+    assert "| 128 | LoRA+ (lambda 16) |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_overhead_quick_same_math_as_the_hf_trainer(tmp_path):
+    """Ours and the HF Trainer + PEFT's LoRA+ optimizer, 2 ranks, ZeRO-2, the same batches: the same losses step
+    for step (fp32 on CPU; the only differences are summation order), and the baseline kept lr_B = 16 x lr_A."""
+    out = tmp_path / "overhead"
+    bench("overhead.py", "--quick", "--out", str(out), "optim.lr=1e-3")
+    res = json.loads(out.with_suffix(".json").read_text())
+    s = res["summary"]
+    ours, base = (next(r for r in res["runs"] if r["side"] == side) for side in ("ours", "baseline"))
+    assert len(ours["losses"]) == len(base["losses"]) == res["steps"]
+    assert ours["losses"][-1] != ours["losses"][0]  # training moved the loss (the comparison is not vacuous)
+    assert s["max_loss_diff"] < 1e-4, (ours["losses"], base["losses"])
+    assert s["baseline_lr_sets"] == [[1e-3, 1.6e-2]]
+    assert s["ours_lr_sets"] == [[1e-3, 1.6e-2]]
+    for side in ("ours", "baseline"):
+        assert s[side]["median_step_s"] > 0 and s[side]["first_step_s"] > 1 and s[side]["peak_gb"] > 0.05
+    assert "| median step time |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_throughput_smoke_runs_on_cpu(tmp_path):
+    """The GPU bench's machinery (launch, parse, table) on a small shape on a CPU rank, both sides."""
+    out = tmp_path / "gpu_throughput"
+    bench("gpu_throughput.py", "--smoke", "--zero", "3", "--ckpt", "on", "--mb", "2", "--out", str(out))
+    rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["side"], r["status"]) for r in rows] == [("ours", "ok"), ("baseline", "ok")]
+    assert all(r["tokens_per_s_per_gpu"] > 0 and r["seq"] == 128 and r["zero"] == 3 for r in rows)
+    table = out.with_suffix(".md").read_text()
+    assert "| smoke | 128 | on | 3 | 2 | ours |" in table and "| smoke | 128 | on | 3 | 2 | baseline |" in table
+
+
+def test_gpu_throughput_refuses_the_full_sweep_without_a_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--out",
+                           str(tmp_path / "g")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr
