@@ -60,7 +60,7 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
     """One configuration; returns its result row (``status``: ok, oom or failed)."""
     out = work / f"{side}-run"
     shutil.rmtree(out, ignore_errors=True)
-    over = [f"output_dir={out}", f"model.random_init=true", f"data.path={data}", "data.format=text",
+    over = [f"output_dir={out}", "model.random_init=true", f"data.path={data}", "data.format=text",
             "data.packing=true", f"train.seq_len={conf['seq']}", f"train.micro_batch_size={conf['mb']}",
             "train.grad_accum=1", f"train.max_steps={args.steps}", "train.save_every=0",
             f"model.gradient_checkpointing={str(conf['ckpt']).lower()}", "schedule.name=constant",

@@ -35,6 +35,8 @@ from pipeline import tiny  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
 
+PEFT_GROUPS = ("lora_A", "lora_embedding", "lora_B", "lora_B_no_decay")  # create_loraplus_optimizer's order
+
 
 @exit_on_user_error
 def main(argv=None) -> None:
@@ -83,7 +85,13 @@ def main(argv=None) -> None:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_backend=None if on_gpu else "gloo")
 
-    # The model as a user loads it (after TrainingArguments, which starts the process group).
+    # The model as a user loads it, after TrainingArguments, so that ZeRO-3 partitions it at load
+    # (HfDeepSpeedConfig). Reading ``.device`` starts the process group first: zero.Init needs the world size.
+    if not on_gpu:  # on GPU accelerate starts DeepSpeed's comm itself; with use_cpu only torch.distributed
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    _ = training_args.device
     torch.manual_seed(cfg.seed)
     if cfg.model.random_init:
         model = AutoModelForCausalLM.from_config(shape_config(cfg.model.shape), dtype=dtype,
@@ -120,14 +128,20 @@ def main(argv=None) -> None:
                 self.optimizer = create_loraplus_optimizer(
                     model=self.model, optimizer_cls=torch.optim.AdamW, lr=cfg.optim.lr,
                     loraplus_lr_ratio=cfg.optim.loraplus_ratio,
-                    loraplus_lr_embedding=cfg.optim.loraplus_lr_embedding, weight_decay=cfg.optim.weight_decay,
-                    betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                    loraplus_lr_embedding=cfg.optim.loraplus_lr_embedding,
+                    loraplus_weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                # Name PEFT's groups (in its order), so their lrs can be told apart once DeepSpeed holds them.
+                for name, g in zip(PEFT_GROUPS, self.optimizer.param_groups):
+                    g["name"] = name
+                    if g["params"]:
+                        used.append(name)
             return self.optimizer
 
         def get_train_dataloader(self):
             return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
 
     rows: list[dict] = []
+    used: list[str] = []  # PEFT's LoRA+ groups that got parameters
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
     class Record(TrainerCallback):
@@ -138,9 +152,13 @@ def main(argv=None) -> None:
         def on_step_end(self, args, state, control, optimizer=None, **kw):
             if on_gpu:
                 torch.cuda.synchronize()
-            groups = optimizer.param_groups if optimizer is not None else []
+            # The lr of each group that holds parameters, as the optimizer DeepSpeed wraps has it now (ZeRO-1/2
+            # drop empty groups; ZeRO-3 empties each group's params between steps, so go by name).
+            while hasattr(optimizer, "optimizer"):
+                optimizer = optimizer.optimizer
+            lrs = {g.get("name"): g["lr"] for g in optimizer.param_groups}
             k = state.global_step
-            rows.append({"step": k, "time": round(time.time(), 4), "lrs": [g["lr"] for g in groups if g["params"]],
+            rows.append({"step": k, "time": round(time.time(), 4), "lrs": [lrs.get(n) for n in used],
                          "tokens": step_tokens[k - 1], "model_flops": step_flops[k - 1]})
 
         def on_log(self, args, state, control, logs=None, **kw):

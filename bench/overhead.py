@@ -7,7 +7,8 @@ Both sides get the same model, data, recipe, DeepSpeed JSON (ZeRO-2 by default),
 batches, launched the same way (``deepspeed --num_gpus P``, 2 ranks by default; on a machine without a GPU, CPU
 ranks over gloo): ours is ``launch/train.py``, the baseline ``bench/hf_trainer_baseline.py``. ``key=value``
 arguments go to both (e.g. ``model.name_or_path=/path/to/weights``); the default is the embedded tiny Llama and
-the bundled data, constant lr, LoRA dropout 0 (so both runs can match step for step).
+the bundled data, constant lr, LoRA dropout 0 (so both runs can match step for step). CPU ranks get
+``OMP_NUM_THREADS`` = cores / ranks unless it is set.
 
 Measured in one run, alternating the order over ``--rounds`` rounds:
 
@@ -31,7 +32,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -60,7 +60,7 @@ def measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
     return rc, started, maxrss_kib / 2 ** 20
 
 
-def one_run(side: str, args, extra: list[str], work: Path, env: dict) -> dict:
+def one_run(side: str, args, extra: list[str], work: Path, env: dict, on_gpu: bool) -> dict:
     out = work / side
     shutil.rmtree(out, ignore_errors=True)
     port = random.randint(20000, 40000)
@@ -81,11 +81,10 @@ def one_run(side: str, args, extra: list[str], work: Path, env: dict) -> dict:
         rows = [json.loads(x) for x in (out / "baseline_metrics.jsonl").read_text().splitlines()]
         lrs = [r["lrs"] for r in rows]
     times = [r["time"] for r in rows]
-    gpu_peak = rows[-1].get("mem_peak_gb") if "cuda" in os.environ.get("DS_ACCELERATOR", "cuda") else None
     return {"side": side, "losses": [r["loss"] for r in rows], "lrs": lrs,
             "step_s": [b - a for a, b in zip(times, times[1:])], "first_step_s": times[0] - started,
-            "peak_gb": gpu_peak if gpu_peak is not None else rss_gb,
-            "peak_kind": "GPU allocator, busiest rank" if gpu_peak is not None else "largest process RSS"}
+            "peak_gb": rows[-1]["mem_peak_gb"] if on_gpu else rss_gb,
+            "peak_kind": "GPU allocator, busiest rank" if on_gpu else "largest process RSS"}
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:
@@ -100,8 +99,11 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     out["step_time_ratio"] = out["ours"]["median_step_s"] / out["baseline"]["median_step_s"]
     out["first_step_ratio"] = out["ours"]["first_step_s"] / out["baseline"]["first_step_s"]
     out["max_loss_diff"] = max(abs(a - b) for a, b in zip(ours["losses"], base["losses"]))
-    out["baseline_lr_sets"] = sorted({tuple(x) for x in base["lrs"]})
-    out["ours_lr_sets"] = sorted({tuple(x for x in lrs if x is not None) for lrs in ours["lrs"]})
+    def lr_sets(steps: list[list[float | None]]) -> list[tuple]:
+        """The distinct sets of group lrs over the steps (None: a group the optimizer no longer held)."""
+        return sorted({tuple(sorted(x, key=lambda v: (v is None, v or 0.0))) for x in steps}, key=str)
+
+    out["baseline_lr_sets"], out["ours_lr_sets"] = lr_sets(base["lrs"]), lr_sets(ours["lrs"])
     return out
 
 
@@ -163,9 +165,12 @@ def main(argv=None) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     import torch
 
-    if not torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "cuda") == "cuda"
+    if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    os.environ["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cuda")
+        # One rank per core share: with torch's default (every core per rank) the ranks oversubscribe the cores
+        # and ZeRO-3's gathers stall, which made step times swing 4x from one step to the next (measured).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nprocs)))
     work = args.out.parent / (args.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -173,7 +178,7 @@ def main(argv=None) -> None:
     for k in range(args.rounds):
         order = list(SIDES) if k % 2 == 0 else list(reversed(SIDES))
         for side in order:
-            r = one_run(side, args, args.overrides, work, env)
+            r = one_run(side, args, args.overrides, work, env, on_gpu)
             runs.append(r)
             print(f"round {k + 1} {side}: first step at {r['first_step_s']:.1f} s, median step "
                   f"{statistics.median(r['step_s'][args.warmup:]) * 1e3:.1f} ms, peak {r['peak_gb']:.3f} GiB",
@@ -183,15 +188,16 @@ def main(argv=None) -> None:
     command = "python bench/overhead.py" + (" --quick" if args.quick else "") + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
     results = {"summary": s, "runs": runs, "command": command, "date": date.today().isoformat(),
-               "machine": (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else
+               "machine": (torch.cuda.get_device_name() if on_gpu else
                            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU ranks"),
                "nprocs": args.nprocs, "steps": args.steps, "rounds": args.rounds,
                "deepspeed_config": args.deepspeed_config, "overrides": [*DEFAULTS, *args.overrides],
+               "omp_num_threads": env.get("OMP_NUM_THREADS"),
                "seconds": time.perf_counter() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     md = table(s)
-    lrs = ", ".join("/".join(f"{x:g}" for x in t) for t in s["baseline_lr_sets"])
+    lrs = ", ".join("/".join(f"{x:g}" if x is not None else "missing" for x in t) for t in s["baseline_lr_sets"])
     note = (f"{command} — {results['date']}, {results['machine']}, {args.nprocs} ranks, {args.deepspeed_config}, "
             f"{args.steps} steps x {args.rounds} rounds, {results['seconds'] / 60:.1f} min. Baseline group lrs at "
             f"every step: {lrs}.")
