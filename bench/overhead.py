@@ -129,12 +129,16 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     colors = {"ours": "tab:blue", "baseline": "tab:orange"}
-    for i, r in enumerate(runs):
-        label = r["side"] if i < 2 else None
+    names = {"ours": "ours", "baseline": "HF Trainer + PEFT LoRA+"}
+    labelled = set()
+    for r in runs:
+        label = None if r["side"] in labelled else names[r["side"]]  # one legend entry per side
+        labelled.add(r["side"])
         ax1.plot(range(2, len(r["step_s"]) + 2), [x * 1e3 for x in r["step_s"]], color=colors[r["side"]],
                  lw=0.8, alpha=0.8, label=label)
-        ax2.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[r["side"]], lw=1.5 if i < 2 else 0.6,
-                 ls="-" if r["side"] == "ours" else "--", label=label)
+        if label:  # every round has the same losses; one curve per side
+            ax2.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[r["side"]],
+                     lw=2.5 if r["side"] == "ours" else 1.0, ls="-" if r["side"] == "ours" else "--", label=label)
     ax1.set_xlabel("step")
     ax1.set_ylabel("step time (ms)")
     ax1.set_yscale("log")
