@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -253,3 +254,19 @@ def test_chat_format_packed_from_parquet(runs_root, tmp_path):
     for r in metrics:  # 2 ranks x 2 rows, all full but (possibly) the dataset's last row: hardly any padding
         assert 3 * seq_len < r["tokens"] <= 2 * 2 * seq_len and 0 < r["label_tokens"] < r["tokens"]
     assert sum(r["tokens"] == 4 * seq_len for r in metrics) >= STEPS - 1
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    from pipeline.distributed import cpu_threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert cpu_threads_per_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_SIZE", str(cores * 4))  # more ranks than cores: still one thread each
+    assert cpu_threads_per_rank() == 1
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert cpu_threads_per_rank() == cores  # one process: every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert cpu_threads_per_rank() == 3
