@@ -9,7 +9,7 @@
 Each configuration is one launch (``deepspeed --num_gpus 1``) of ``launch/train.py`` (ours) or
 ``bench/hf_trainer_baseline.py`` (HF Trainer + DeepSpeed + PEFT ``create_loraplus_optimizer``), on the recipe
 ``launch/configs/llama3-8b.yaml`` with ``model.random_init=true`` (random weights of the published shape: no
-download), bf16, packed rows of synthetic text (no padding), constant lr. The sweep covers sequence length x
+download), bf16, packed rows of synthetic text (padding only in an epoch's last, shorter row), constant lr. The sweep covers sequence length x
 gradient checkpointing x ZeRO stage x side, and for each the micro-batch sizes in ascending order until one runs
 out of memory.
 
@@ -22,10 +22,12 @@ command), and ``gpu_throughput.md`` is rewritten from the newest row of each con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,9 @@ RESULTS = REPO / "bench" / "results" / "gpu_throughput"
 # --smoke: a shape small enough for CPU ranks (the recipe's other settings stay).
 SMOKE_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "intermediate_size": 256, "vocab_size": 512, "max_position_embeddings": 512, "rope_theta": 10000.0}
-OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+# ZeRO-3 near the memory limit survives by flushing the allocator's cache every step: slow, and worth a flag.
+NEAR_OOM = "pytorch allocator cache flushes"
 
 
 def synthetic_text(path: Path, tokens: int, seed: int = 0) -> None:
@@ -74,11 +78,23 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
         cmd.append("--overwrite")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
+    # A session of its own, so that a timeout stops the launcher and its ranks (killing the launcher alone would
+    # leave a rank holding the GPU, and every later configuration would run out of memory).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        text, rc = f"{e.stdout or ''}{e.stderr or ''}", None
+        text, _ = proc.communicate(timeout=args.timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                text, _ = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        rc = None
     row = {**conf, "side": side, "date": date.today().isoformat(), "device": args.device, "steps": args.steps,
            "warmup": args.warmup, "launch_s": round(time.time() - started, 1), "smoke": args.smoke}
     if rc != 0:
@@ -104,7 +120,7 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
         mfu = statistics.median(f / dt for f, dt in zip(flops[keep], dts[keep])) / (args.peak * 1e12 * args.nprocs)
     peak_gb = rows[-1]["mem_peak_gb"]
     return {**row, "status": "ok", "tokens_per_s_per_gpu": round(tps, 1), "mfu": round(mfu, 4) if mfu else None,
-            "peak_gb": peak_gb}
+            "peak_gb": peak_gb, "near_oom": NEAR_OOM in text}
 
 
 def key(r: dict) -> tuple:
@@ -122,7 +138,8 @@ def write_table(path: Path) -> str:
              "|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
     for r in sorted(newest.values(), key=key):
         if r["status"] == "ok":
-            cells = [f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-",
+            flag = " (allocator flushes: near OOM)" if r.get("near_oom") else ""
+            cells = [f"{r['tokens_per_s_per_gpu']:,.0f}{flag}", f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-",
                      f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"]
         else:
             cells = [r["status"], "", ""]
@@ -154,7 +171,7 @@ def main(argv=None) -> None:
     # The GPU's name from a child process: CUDA is never initialised here, so every launch has the whole GPU.
     probe = subprocess.run([sys.executable, "-c", "import torch; torch.cuda.is_available() and "
                             "print(torch.cuda.get_device_name())"], capture_output=True, text=True, check=True)
-    gpu_name = probe.stdout.strip()
+    gpu_name = probe.stdout.strip() if os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else ""
     on_gpu = bool(gpu_name)
     if not on_gpu and not args.smoke:
         raise SystemExit("gpu_throughput: no CUDA GPU here; --smoke runs a small shape on CPU ranks instead")

@@ -21,6 +21,7 @@ busiest rank's peak memory (GPU allocator; on CPU the bench measures the process
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,6 +51,12 @@ def main(argv=None) -> None:
     ds_json = dist.read_ds_json(resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config"))
     if "optimizer" in ds_json or "scheduler" in ds_json:
         raise SystemExit("hf_trainer_baseline: the DeepSpeed JSON must not hold an optimizer or scheduler block")
+    if cfg.schedule.name != "constant" or cfg.schedule.warmup_steps:
+        # HF's schedules differ from ours in shape: its warmup starts at lr 0 (ours at lr / warmup_steps), and
+        # its cosine has no min_lr_ratio. Only a constant lr is the same on both sides.
+        raise SystemExit(f"hf_trainer_baseline: schedule.name={cfg.schedule.name} schedule.warmup_steps="
+                         f"{cfg.schedule.warmup_steps}: use schedule.name=constant schedule.warmup_steps=0, the "
+                         f"one schedule both sides run alike")
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
     if cfg.model.random_init:
         model_path = str(tiny.ensure_tiny_model())  # the tokenizer only, as launch/train.py does
@@ -77,8 +84,8 @@ def main(argv=None) -> None:
     training_args = TrainingArguments(
         output_dir=str(out), deepspeed=ds_config, per_device_train_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum, max_steps=cfg.train.max_steps,
-        learning_rate=cfg.optim.lr, lr_scheduler_type="constant" if cfg.schedule.name == "constant" else "cosine",
-        warmup_steps=cfg.schedule.warmup_steps, weight_decay=cfg.optim.weight_decay,
+        learning_rate=cfg.optim.lr, lr_scheduler_type="constant",
+        weight_decay=cfg.optim.weight_decay,
         adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
         max_grad_norm=cfg.optim.max_grad_norm, bf16=bf16, use_cpu=not on_gpu, logging_steps=1,
         save_strategy="no", report_to=[], seed=cfg.seed, disable_tqdm=True, remove_unused_columns=False,
@@ -86,16 +93,19 @@ def main(argv=None) -> None:
         gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_backend=None if on_gpu else "gloo")
 
     # The model as a user loads it, after TrainingArguments, so that ZeRO-3 partitions it at load
-    # (HfDeepSpeedConfig). Reading ``.device`` starts the process group first: zero.Init needs the world size.
-    if not on_gpu:  # on GPU accelerate starts DeepSpeed's comm itself; with use_cpu only torch.distributed
+    # (HfDeepSpeedConfig). zero.Init needs DeepSpeed's comm: on GPU accelerate starts it while TrainingArguments
+    # sets up the device; with use_cpu accelerate starts only torch.distributed, so start it here.
+    if not on_gpu:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    _ = training_args.device
     torch.manual_seed(cfg.seed)
     if cfg.model.random_init:
-        model = AutoModelForCausalLM.from_config(shape_config(cfg.model.shape), dtype=dtype,
-                                                 attn_implementation=cfg.model.attn_implementation)
+        # Random weights are drawn where they will live (as launch/train.py does), not on the CPU first.
+        where = training_args.device if on_gpu and dist.zero_stage(ds_config) < 3 else contextlib.nullcontext()
+        with where:
+            model = AutoModelForCausalLM.from_config(shape_config(cfg.model.shape), dtype=dtype,
+                                                     attn_implementation=cfg.model.attn_implementation)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True,
                                                      attn_implementation=cfg.model.attn_implementation)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"ours": REPO / "launch" / "train.py", "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
-DEFAULTS = ["schedule.name=constant", "lora.dropout=0", "eval.mmlu.every_checkpoint=false"]
+DEFAULTS = ["schedule.name=constant", "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false"]
 
 
 def measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median, per run")
-    p.add_argument("--nprocs", type=int, default=2, help="ranks (GPUs, or CPU processes without a GPU)")
+    p.add_argument("--nprocs", type=int, default=2,
+                   help="ranks: GPUs (at most the machine's), or CPU processes without a GPU")
     p.add_argument("--deepspeed_config", default="deepspeed_configs/zero2.json")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "overhead")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for both sides")
@@ -170,6 +171,8 @@ def main(argv=None) -> None:
     import torch
 
     on_gpu = torch.cuda.is_available() and env.get("DS_ACCELERATOR", "cuda") == "cuda"
+    if on_gpu and args.nprocs > torch.cuda.device_count():
+        p.error(f"--nprocs {args.nprocs}: this machine has {torch.cuda.device_count()} GPU(s); one rank per GPU")
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         # One rank per core share: with torch's default (every core per rank) the ranks oversubscribe the cores

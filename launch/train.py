@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg.seed)  # model.random_init: the same weights on every rank
     model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
                        cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code,
-                       random_shape=cfg.model.shape if cfg.model.random_init else None)
+                       random_shape=cfg.model.shape if cfg.model.random_init else None,
+                       init_device=info.device if info.on_gpu and dist.zero_stage(ds_config) < 3 else None)
     for line in describe_load(model, meter.peak(), dist.local_numel, dist.gather_objects):
         log.print(line)
     model = add_lora(model, cfg.lora, cfg.seed)

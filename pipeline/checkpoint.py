@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -96,7 +96,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
                gradient_checkpointing: bool = False, trust_remote_code: bool = False,
-               random_shape=None) -> torch.nn.Module:
+               random_shape=None, init_device: torch.device | None = None) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` on a local directory, base weights frozen.
 
     Args:
@@ -104,6 +104,8 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         dtype: parameter dtype (bf16 on GPU, fp32 on CPU; chosen by the caller from the DeepSpeed JSON).
         random_shape: a complete ``model.shape``: build that Llama with random weights instead (``from_config``,
             which under ZeRO-3 also partitions at construction); ``path`` is then not read.
+        init_device: where ``random_shape`` weights are drawn (the GPU: drawing 8B random weights on the CPU first
+            takes minutes); None for the default device.
     """
     from transformers import AutoModelForCausalLM
 
@@ -114,8 +116,9 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
             raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
                             "package (pip install flash-attn --no-build-isolation); or use sdpa")
     if random_shape is not None:
-        model = AutoModelForCausalLM.from_config(shape_config(random_shape), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+        with init_device if init_device is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(shape_config(random_shape), dtype=dtype,
+                                                     attn_implementation=attn_implementation)
     elif _zero3_active() and (weight_map := _weight_map(Path(path))) is not None:
         from transformers import AutoConfig
 
