@@ -251,6 +251,21 @@ def test_a_run_in_progress_locks_its_output_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
+def test_a_filesystem_without_flock_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(checkpoint, "_held_lock", None)
+    monkeypatch.setattr(checkpoint.dist, "on_rank0", lambda fn, rank: fn())  # one rank, no process group
+    checkpoint.probe_output_dir(tmp_path / "run", rank=0)
+    assert "warning: cannot lock" in capsys.readouterr().err and checkpoint._held_lock is not None
+    os.close(checkpoint._held_lock)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Non-finite steps
 
