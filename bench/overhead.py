@@ -71,20 +71,24 @@ def one_run(side: str, args, extra: list[str], work: Path, env: dict, on_gpu: bo
         cmd.append("--overwrite")
     log = work / f"{side}.log"
     rc, started, rss_gb = measured(cmd, env, log)
+    metrics = out / ("metrics.jsonl" if side == "ours" else "baseline_metrics.jsonl")
+    aborted_at_exit = False
+    if rc != 0 and metrics.is_file() and len(metrics.read_text().splitlines()) == args.steps \
+            and "terminate called" in log.read_text():
+        # Every step done and recorded, then a process aborted on its way out (seen about once in 60 CPU runs;
+        # README "Not yet"): the figures are whole; the run is kept and flagged.
+        rc, aborted_at_exit = 0, True
     if rc != 0:
         raise SystemExit(f"bench: the {side} run failed (exit {rc}): {' '.join(cmd)}\n"
                          f"{log.read_text()[-4000:]}")
-    if side == "ours":
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        lrs = [list(r["lr_groups"].values()) for r in rows]
-    else:
-        rows = [json.loads(x) for x in (out / "baseline_metrics.jsonl").read_text().splitlines()]
-        lrs = [r["lrs"] for r in rows]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    lrs = [list(r["lr_groups"].values()) if side == "ours" else r["lrs"] for r in rows]
     times = [r["time"] for r in rows]
     return {"side": side, "losses": [r["loss"] for r in rows], "lrs": lrs,
             "step_s": [b - a for a, b in zip(times, times[1:])], "first_step_s": times[0] - started,
             "peak_gb": rows[-1]["mem_peak_gb"] if on_gpu else rss_gb,
-            "peak_kind": "GPU allocator, busiest rank" if on_gpu else "largest process RSS"}
+            "peak_kind": "GPU allocator, busiest rank" if on_gpu else "largest process RSS",
+            "aborted_at_exit": aborted_at_exit}
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:

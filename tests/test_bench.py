@@ -58,7 +58,8 @@ def test_gpu_throughput_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu_throughput"
     bench("gpu_throughput.py", "--smoke", "--zero", "3", "--ckpt", "on", "--mb", "2", "--out", str(out))
     rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(r["side"], r["status"]) for r in rows] == [("ours", "ok"), ("baseline", "ok")]
+    assert [(r["side"], r["status"]) for r in rows] == [("ours", "ok"), ("baseline", "ok")], \
+        "\n".join(f"{r['side']}: {r['status']}\n{r.get('detail', '')}" for r in rows)
     assert all(r["tokens_per_s_per_gpu"] > 0 and r["seq"] == 128 and r["zero"] == 3 for r in rows)
     table = out.with_suffix(".md").read_text()
     assert "| smoke | 128 | on | 3 | 2 | ours |" in table and "| smoke | 128 | on | 3 | 2 | baseline |" in table
