@@ -68,9 +68,10 @@ def main(argv=None) -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from pipeline.data import collate, load_samples, rank_micro_batches
+    from pipeline.data import collate, rank_micro_batches
     from pipeline.flops import batch_flops, flop_model
     from pipeline.model import shape_config
+    from pipeline.prepared import prepare
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
     bf16 = on_gpu and bool(ds_config.get("bf16", {}).get("enabled"))
     dtype = torch.bfloat16 if bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    samples, _ = load_samples(dataclasses.replace(cfg.data, path=data_path), tokenizer, cfg.train.seq_len)
+    samples = prepare(dataclasses.replace(cfg.data, path=data_path), tokenizer, model_path, cfg.train.seq_len).train
 
     out = Path(cfg.output_dir)
     training_args = TrainingArguments(
@@ -126,7 +127,9 @@ def main(argv=None) -> None:
             for idx in rank_micro_batches(len(samples), cfg.seed, step, mb, ga, r, world):
                 b = collate([samples[i] for i in idx], tokenizer.pad_token_id)
                 tokens += float(b["attention_mask"].sum())
-                flops += batch_flops(fm, b["attention_mask"], False)[0]
+                flops += batch_flops(fm, b["attention_mask"], False, b.pop("doc_lengths", None))[0]
+                if "position_ids" in b:  # packed rows: documents kept apart by their positions, as in our loop
+                    del b["attention_mask"]
                 if r == rank:
                     batches.append(b)
         step_tokens.append(int(tokens))

@@ -68,21 +68,30 @@ def main(argv=None) -> None:
     if continuing:
         resume.check_same_experiment(output_dir, cfg)
 
-    # 2. Distributed set-up and data. Data errors are found on every rank alike; output_dir is only probed.
+    # 2. Tokenizer and data, before any process group exists: a cache build (once, by whichever process takes
+    #    its lock; the others wait) can take as long as it needs with no collective pending.
     on_gpu = dist.select_accelerator()
     kind = loraplus.pick_optimizer(cfg.optim.optimizer, dist.offloads_optimizer(ds_json), on_gpu)
     quiet_library_warnings()
     import torch
 
     from pipeline import schedule
-    from pipeline.data import fingerprint, load_samples
     from pipeline.loop import Progress, train
     from pipeline.lora import add_lora
     from pipeline.memory import MemoryMeter
     from pipeline.metrics import Reporter, Stopwatch, describe_load, describe_model
     from pipeline.model import load_model, load_tokenizer
+    from pipeline.prepared import prepare
     from pipeline.preempt import StopRequest
 
+    rank0 = dist.env_rank() == 0
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if cfg.model.random_init and len(tokenizer) > cfg.model.shape.vocab_size:
+        raise UserError(f"the tokenizer of {cfg.model.name_or_path} has {len(tokenizer):,} tokens, more than "
+                        f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
+    data = prepare(cfg.data, tokenizer, cfg.model.name_or_path, cfg.train.seq_len, log=print, announce=rank0)
+
+    # 3. Distributed set-up; output_dir is only probed.
     dist.set_single_process_defaults()
     info = dist.init()
     log = Reporter(info.rank, output_dir / "metrics.jsonl", cfg.train.max_steps)
@@ -106,21 +115,15 @@ def main(argv=None) -> None:
     if resume.universal_needed(point, info.world_size):
         ds_config["checkpoint"] = {"load_universal": True}  # another world size: see resume.restore
     precision = dist.precision(ds_config, info.on_gpu)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     if cfg.model.random_init:
-        if len(tokenizer) > cfg.model.shape.vocab_size:
-            raise UserError(f"the tokenizer of {cfg.model.name_or_path} has {len(tokenizer):,} tokens, more than "
-                            f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
         log.print(f"model: random weights of model.shape ({cfg.model.shape.num_hidden_layers} layers, width "
                   f"{cfg.model.shape.hidden_size}; model.random_init=true), tokenizer of {cfg.model.name_or_path}")
-    samples, data_report = load_samples(cfg.data, tokenizer, cfg.train.seq_len, show_progress=info.rank == 0)
-    log.print(f"data: {data_report}")
-    data_id = fingerprint(samples)
+    samples, data_id = data.train, data.key
     if point and point.directory:
         resume.check_compatible(point.state, dist.zero_stage(ds_config), precision, data_id, len(samples),
                                 point.directory.name)
 
-    # 3. Model, LoRA, LoRA+ groups, optimizer, engine.
+    # 4. Model, LoRA, LoRA+ groups, optimizer, engine.
     meter = MemoryMeter(info.device)  # from here on, memory is the model's and the training's
     zero3_hook = dist.zero3_load_hook(ds_config)  # noqa: F841  (alive = ZeRO-3 partitions weights at load)
     torch.manual_seed(cfg.seed)  # model.random_init: the same weights on every rank
@@ -145,7 +148,7 @@ def main(argv=None) -> None:
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, group_settings = dist.initialize(model, optimizer, lr_lambda, ds_config)
 
-    # 4. Only now, with every input accepted, does output_dir receive (or continue) a run; then train,
+    # 5. Only now, with every input accepted, does output_dir receive (or continue) a run; then train,
     #    checkpointing every train.save_every steps, at the end, and when a signal stops the run.
     checkpoint.start_run(output_dir, args.overwrite, info.rank, cfg, ds_config, point.step if point else None)
     progress = Progress()
@@ -168,7 +171,8 @@ def main(argv=None) -> None:
     try:
         with StopRequest(announce=info.rank == 0) as stop:
             meter.reset()  # the training peak, apart from the loading peak
-            signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop, meter)
+            signum = train(engine, samples, cfg, info, log, tokenizer.pad_token_id, save, progress, stop, meter,
+                           data.val)
     except BaseException:
         mmlu_scorer.stop()
         raise

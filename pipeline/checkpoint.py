@@ -49,7 +49,7 @@ from pipeline.files import atomic_write_text
 ENGINE_TAG = "deepspeed"
 STEP_RE = re.compile(r"step-(\d+)")
 MANIFEST = "manifest.json"
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "deepspeed_config.json", "checkpoints")
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "val.jsonl", "deepspeed_config.json", "checkpoints")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -365,7 +365,7 @@ def probe_output_dir(out: Path, rank: int) -> None:
 
 def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dict, resume_step: int | None) -> None:
     """Once every input has been accepted: with ``--overwrite`` clear the previous run; when continuing one,
-    cut ``metrics.jsonl`` back to the resumed step (later rows are recomputed); write the resolved
+    cut ``metrics.jsonl`` and ``val.jsonl`` back to the resumed step (later rows are recomputed); write the resolved
     ``config.yaml`` and ``deepspeed_config.json``. Collective."""
 
     def start() -> None:
@@ -378,6 +378,7 @@ def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dic
                     target.unlink()
         elif resume_step is not None:
             truncate_metrics(out / "metrics.jsonl", resume_step)
+            truncate_metrics(out / "val.jsonl", resume_step)
         save_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 

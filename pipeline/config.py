@@ -124,22 +124,42 @@ class DataConfig:
     """A ``.jsonl``, ``.json`` or ``.parquet`` file, or a directory written by ``datasets.save_to_disk``.
     ``builtin:tiny-instruct`` is the small instruction set bundled with the project."""
     format: str = "instruction"
-    """``text`` (field ``text``; loss on every token), ``instruction`` (``instruction``, optional ``input``,
-    ``output``; loss on the output only) or ``chat`` (``messages`` with ``role``/``content``, rendered by the
-    tokenizer's chat template; loss on assistant turns only)."""
+    """``text`` (field ``text``; loss on every token), ``instruction`` (Alpaca: ``instruction``, optional
+    ``input``, ``output``; loss on the output only), ``chat`` (OpenAI ``messages`` with ``role``/``content``) or
+    ``sharegpt`` (``conversations`` with ``from``/``value``; roles ``system``, ``human``/``user``,
+    ``gpt``/``assistant``). The last two are rendered by the tokenizer's chat template, loss on assistant turns
+    only."""
     split: str = "train"
     """Split to read when ``path`` is a saved ``DatasetDict``."""
     packing: bool = False
-    """Concatenate samples (separated by EOS) into full ``train.seq_len`` rows. Faster on short samples;
-    samples in one row attend to earlier ones in that row."""
+    """Fill rows of up to ``train.seq_len`` tokens with whole samples (best-fit bin packing; a sample is split
+    over rows only when it is longer than a row). Samples in a row do not attend to each other: positions restart
+    at each sample and attention stays inside it."""
     too_long: str = "truncate"
-    """What to do with a sample longer than ``train.seq_len``: ``truncate`` (counted and reported) or
-    ``refuse`` (stop with an error naming the sample)."""
+    """Without packing, a sample longer than ``train.seq_len``: ``truncate`` (counted and reported) or ``refuse``
+    (stop with an error naming the sample)."""
+    cache_dir: str = ""
+    """Where prepared (tokenised, packed) data is cached, keyed by the data's content, the tokenizer and these
+    settings; empty: ``$LORAPLUS_CACHE/data`` (default ``~/.cache/loraplus/data``). On a cluster, a shared
+    filesystem: one job builds it, every rank of every later job memory-maps it."""
+    num_proc: int = 0
+    """Processes that tokenise while the cache builds (``datasets.map(num_proc=...)``); 0: one per core, up to 8
+    (one for small files)."""
+    val_path: str = ""
+    """A held-out validation file in the training data's format (same kinds of file as ``path``)."""
+    val_fraction: float = 0.0
+    """Instead of ``val_path``: hold out this fraction of the training samples, in (0, 0.5], as the validation
+    set (a fixed seeded split, the same whatever ``seed``; never trained on). 0: none."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", "must name a data file or directory")
-        _check_choice(self.format, "data.format", ("text", "instruction", "chat"))
+        _check_choice(self.format, "data.format", ("text", "instruction", "chat", "sharegpt"))
         _check_choice(self.too_long, "data.too_long", ("truncate", "refuse"))
+        _check(self.num_proc >= 0, "data.num_proc", f"must be >= 0 (0: one per core); got {self.num_proc}")
+        _check(self.val_fraction == 0 or 0 < self.val_fraction <= 0.5, "data.val_fraction",
+               f"must be in (0, 0.5] (or 0 for none); got {self.val_fraction}")
+        _check(not (self.val_path and self.val_fraction), "data.val_fraction",
+               "and data.val_path both set; choose one validation set")
 
 
 @dataclass
@@ -234,6 +254,9 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one GPU (or CPU rank) for ``mfu``/``hfu`` in ``metrics.jsonl``. 0: from the GPU name
     (H100/H200 989, A100 312, L40S 362; bf16 dense); on CPU or another GPU ``mfu`` is then null."""
+    eval_every: int = 0
+    """With a validation set (``data.val_path`` or ``data.val_fraction``): its loss is computed before the first
+    update (step 0), every N steps and at the end, into ``output_dir/val.jsonl``. 0: at step 0 and at the end."""
     on_nonfinite: str = "skip"
     """A step whose loss or gradient norm is NaN/inf: ``skip`` it (no update; counted in ``metrics.jsonl``) or
     ``stop`` the run with an error. Either way the optimizer state and the checkpoints stay finite."""
@@ -243,7 +266,7 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", f"must be >= 1; got {value}")
         _check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU name); got {self.peak_tflops}")
-        for key in ("save_every", "keep_last"):
+        for key in ("save_every", "keep_last", "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
         _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
                f"must be 'skip' or 'stop'; got {self.on_nonfinite!r}")
@@ -310,6 +333,8 @@ class Config:
         longest = self.model.shape.max_position_embeddings
         _check(not longest or self.train.seq_len <= longest, "train.seq_len",
                f"({self.train.seq_len}) exceeds the model's context, model.shape.max_position_embeddings ({longest})")
+        _check(not self.train.eval_every or bool(self.data.val_path or self.data.val_fraction), "train.eval_every",
+               "needs a validation set: set data.val_path or data.val_fraction")
         _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
                f"({self.schedule.warmup_steps}) must not exceed train.max_steps ({self.train.max_steps})")
 

@@ -1,6 +1,8 @@
-"""Training data: reading local files, tokenising with response-only labels, packing, and sharded batches.
+"""Training data: the formats, tokenising with response-only labels, the packing plan, sharded batches and collation.
 
-No DeepSpeed here: batching takes the rank, world size and step as plain integers.
+Preparing a whole data file (reading it, tokenising it with ``datasets.map``, packing, caching it on disk and
+memory-mapping it at run time) is ``pipeline/prepared.py``; this module holds what it applies to each record and
+each batch. No DeepSpeed here: batching takes the rank, world size and step as plain integers.
 
 Batch order (the seed policy for data): the samples of epoch ``e`` are visited in the order of
 ``torch.randperm(n, generator=seeded(seed + e))``; epochs are chained into one stream. Optimizer step ``s``
@@ -12,12 +14,10 @@ step alone (which makes resuming exact).
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.errors import UserError
@@ -33,85 +33,16 @@ class DataError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_records(path: str | Path, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
-    """Read samples from a local ``.jsonl``/``.json``/``.parquet`` file or a ``save_to_disk`` directory.
-
-    Returns:
-        ``(where, record)`` pairs; ``where`` names the file and line (or row) for error messages.
-    Raises:
-        DataError: missing path, unknown extension, malformed line (with file and line number).
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data file not found: {p} (config key 'data.path')")
-    if p.is_dir():
-        return _read_saved_dataset(p, split)
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        out = []
-        with p.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-                out.append((f"{p}:{lineno}", record))
-        return out
-    if suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"{p}: not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of samples (or {{\"data\": [...]}})")
-        return [(f"{p} item {i}", r) for i, r in enumerate(data)]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(p).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{p}: cannot read parquet ({e})") from None
-        return [(f"{p} row {i}", r) for i, r in enumerate(rows)]
-    raise DataError(f"{p}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet or a "
-                    f"datasets.save_to_disk directory)")
-
-
-def _read_saved_dataset(p: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except FileNotFoundError:
-        raise DataError(f"{p}: a directory, but not one written by datasets.save_to_disk") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{p}: no split '{split}' (has {', '.join(ds)}); set data.split")
-        ds = ds[split]
-    return [(f"{p} row {i}", r) for i, r in enumerate(ds)]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Tokenising
 
 
 @dataclass(frozen=True)
 class Sample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    """One training row: a sample, or (packed) several whose lengths ``segments`` gives, in order."""
+
+    input_ids: Any  # list[int] or a 1-D integer array
+    labels: Any  # the same length; IGNORE_INDEX where no loss is taken
+    segments: tuple[int, ...] | None = None  # packed row: the lengths of its documents (they sum to the length)
 
 
 def _field(record: dict, key: str, where: str, fmt: str, optional: bool = False) -> str:
@@ -149,7 +80,39 @@ def tokenize_record(record: dict, where: str, fmt: str, tokenizer) -> Sample:
         return Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
     if fmt == "chat":
         return _tokenize_chat(record, where, tokenizer)
+    if fmt == "sharegpt":
+        return _tokenize_chat({"messages": sharegpt_messages(record, where)}, where, tokenizer)
     raise ValueError(fmt)
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def sharegpt_messages(record: Any, where: str) -> list[dict[str, str]]:
+    """ShareGPT ``conversations`` (``{"from", "value"}`` turns) as chat ``messages``.
+
+    Raises:
+        DataError: no ``conversations`` list, a turn that is not an object, an unknown role, a missing or
+            non-string ``value``.
+    """
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns:
+        have = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: data.format=sharegpt needs 'conversations': a non-empty list of "
+                        f"{{\"from\": ..., \"value\": ...}} turns (this sample has {have or 'no fields'})")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{k}] must be an object with 'from' and 'value'")
+        role = turn.get("from")
+        if role not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{k}] has role {role!r}; data.format=sharegpt knows "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn.get("value"), str):
+            what = "no 'value'" if "value" not in turn else f"a 'value' of type {type(turn['value']).__name__}"
+            raise DataError(f"{where}: conversations[{k}] ({role}) has {what}; it must be a string")
+        messages.append({"role": SHAREGPT_ROLES[role], "content": turn["value"]})
+    return messages
 
 
 def _tokenize_chat(record: dict, where: str, tokenizer) -> Sample:
@@ -200,61 +163,101 @@ def _tokenize_chat(record: dict, where: str, tokenizer) -> Sample:
     return Sample(ids, labels)
 
 
-@dataclass(frozen=True)
-class DataReport:
-    samples: int
-    truncated: int
-    dropped_no_labels: int
-    tokens: int
+def tokenize_records(records: list[tuple[str, Any]], fmt: str, tokenizer) -> list[Sample]:
+    """:func:`tokenize_record` over many records, with one tokenizer call per field for ``text`` and
+    ``instruction`` (the fast tokenizer then encodes the batch in parallel); the result is the same."""
+    if fmt not in ("text", "instruction"):
+        return [tokenize_record(r, w, fmt, tokenizer) for w, r in records]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    if fmt == "text":
+        texts = [_field(r, "text", w, fmt) for w, r in records]
+        return [Sample(ids, list(ids)) for ids in (bos + t + eos for t in _batch_ids(tokenizer, texts))]
+    prompts, outputs = [], []
+    for w, r in records:
+        instruction = _field(r, "instruction", w, fmt)
+        extra = _field(r, "input", w, fmt, optional=True)
+        outputs.append(_field(r, "output", w, fmt))
+        template = INSTRUCTION_INPUT_TEMPLATE if extra else INSTRUCTION_TEMPLATE
+        prompts.append(template.format(instruction=instruction, input=extra))
+    out = []
+    for p, o in zip(_batch_ids(tokenizer, prompts), _batch_ids(tokenizer, outputs)):
+        prompt, response = bos + p, o + eos
+        out.append(Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    return out
 
 
-def build_samples(records: list[tuple[str, dict]], fmt: str, tokenizer, seq_len: int | None, too_long: str,
-                  progress=None) -> tuple[list[Sample], DataReport]:
-    """Tokenise every record and enforce ``seq_len`` (``None``: keep every sample whole, for packing).
+def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+
+def fit_to_length(s: Sample, where: str, seq_len: int | None, too_long: str) -> tuple[Sample | None, bool]:
+    """Apply ``train.seq_len`` to one sample (``None``: keep it whole, for packing).
+
+    Returns:
+        The sample (None when no label is left after truncation: it would only add padding) and whether it
+        was truncated.
     Raises:
-        DataError: empty dataset, malformed sample, a too-long sample with ``too_long=refuse``, or nothing left
-            to learn from after truncation.
+        DataError: a too-long sample with ``too_long=refuse``.
     """
-    if not records:
-        raise DataError("the dataset is empty (config key 'data.path')")
-    samples, truncated, dropped, tokens = [], 0, 0, 0
-    for where, record in (progress(records) if progress else records):
-        s = tokenize_record(record, where, fmt, tokenizer)
-        if seq_len is not None and len(s.input_ids) > seq_len:
-            if too_long == "refuse":
-                raise DataError(f"{where}: sample is {len(s.input_ids)} tokens, longer than train.seq_len="
-                                f"{seq_len} (raise train.seq_len, or set data.too_long=truncate)")
-            truncated += 1
-            s = Sample(s.input_ids[:seq_len], s.labels[:seq_len])
-        if all(t == IGNORE_INDEX for t in s.labels[1:]):
-            dropped += 1  # its response was cut off entirely: it would only add padding
-            continue
-        tokens += len(s.input_ids)
-        samples.append(s)
-    if not samples:
-        raise DataError(f"no sample has a response token within train.seq_len={seq_len}; raise train.seq_len")
-    return samples, DataReport(len(samples), truncated, dropped, tokens)
+    truncated = False
+    if seq_len is not None and len(s.input_ids) > seq_len:
+        if too_long == "refuse":
+            raise DataError(f"{where}: sample is {len(s.input_ids)} tokens, longer than train.seq_len="
+                            f"{seq_len} (raise train.seq_len, or set data.too_long=truncate)")
+        truncated = True
+        s = Sample(s.input_ids[:seq_len], s.labels[:seq_len])
+    if all(t == IGNORE_INDEX for t in s.labels[1:]):
+        return None, truncated
+    return s, truncated
 
 
-def pack(samples: list[Sample], seq_len: int) -> list[Sample]:
-    """Concatenate samples (each already ends with EOS) and cut into rows of exactly ``seq_len`` tokens.
+def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of at most ``seq_len`` tokens holding documents of ``lengths``, by best-fit decreasing bin packing.
 
-    The tail shorter than ``seq_len`` is kept as a last, shorter row. Packing is done in dataset order, before
-    shuffling, so rows are fixed for the whole run.
+    A document longer than ``seq_len`` fills ``len // seq_len`` rows of its own and its remainder is packed like
+    any other document; no other document is ever split. Deterministic: ties are broken by document index.
+
+    Returns:
+        ``(row_offsets, doc, start, length)``: row ``r`` holds the segments ``row_offsets[r]:row_offsets[r+1]``,
+        each ``length`` tokens of document ``doc`` from token ``start``.
     """
-    rows: list[Sample] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for s in samples:
-        ids += s.input_ids
-        labels += s.labels
-        while len(ids) >= seq_len:
-            rows.append(Sample(ids[:seq_len], labels[:seq_len]))
-            ids, labels = ids[seq_len:], labels[seq_len:]
-    if any(t != IGNORE_INDEX for t in labels[1:]):
-        rows.append(Sample(ids, labels))
-    return rows
+    import bisect
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    full = lengths // seq_len
+    rows: list[list[tuple[int, int, int]]] = []
+    for d in np.flatnonzero(full):  # the whole-row chunks of long documents
+        rows += [[(int(d), int(k * seq_len), seq_len)] for k in range(full[d])]
+    rest = lengths - full * seq_len
+    pieces = np.flatnonzero(rest)
+    pieces = pieces[np.argsort(-rest[pieces], kind="stable")]
+    bins: list[list[tuple[int, int, int]]] = []
+    caps: list[int] = []  # sorted distinct free capacities that have an open bin
+    open_bins: dict[int, list[int]] = {}  # free capacity -> bins with it
+    for d in pieces.tolist():
+        n, start = int(rest[d]), int(full[d] * seq_len)
+        i = bisect.bisect_left(caps, n)
+        if i < len(caps):  # the fullest bin that still fits it
+            cap = caps[i]
+            b = open_bins[cap].pop()
+            if not open_bins[cap]:
+                del caps[i], open_bins[cap]
+        else:
+            cap, b = seq_len, len(bins)
+            bins.append([])
+        bins[b].append((d, start, n))
+        left = cap - n
+        if left:
+            if left not in open_bins:
+                bisect.insort(caps, left)
+                open_bins[left] = []
+            open_bins[left].append(b)
+    rows += bins
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    flat = np.array([seg for r in rows for seg in r], dtype=np.int64).reshape(-1, 3)
+    return offsets, flat[:, 0], flat[:, 1].astype(np.int32), flat[:, 2].astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,56 +291,35 @@ def rank_micro_batches(n: int, seed: int, step: int, micro_batch_size: int, grad
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample of the micro-batch.
+    """Right-pad to the longest row of the micro-batch.
 
     Returns:
-        ``input_ids``, ``labels`` and ``attention_mask``, each ``[batch, longest]``.
+        ``input_ids``, ``labels`` and ``attention_mask`` (1 on real tokens; for counting, and for the model when
+        rows are not packed), each ``[batch, longest]``. Packed rows add ``position_ids`` ``[batch, longest]``,
+        restarting at 0 at each document (and at the padding), which is what keeps a document's attention inside
+        it once no ``attention_mask`` is passed (transformers' ``find_packed_sequence_indices``), and
+        ``doc_lengths`` ``[documents]``, the length of every document of the batch.
     """
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
+    packed = any(s.segments is not None for s in samples)
+    positions = torch.zeros((len(samples), width), dtype=torch.long) if packed else None
+    docs: list[int] = []
     for i, s in enumerate(samples):
         n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        labels[i, :n] = torch.tensor(s.labels)
+        ids[i, :n] = torch.as_tensor(s.input_ids)
+        labels[i, :n] = torch.as_tensor(s.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def load_samples(cfg, tokenizer, seq_len: int, show_progress: bool = False) -> tuple[list[Sample], str]:
-    """Read, tokenise, check and (optionally) pack the training data of a ``DataConfig``.
-
-    Returns:
-        The samples (rows, when packing) and a one-line report for the log.
-    """
-    progress = None
-    if show_progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc="tokenize", unit="sample", leave=False, mininterval=1.0)  # noqa: E731
-    records = read_records(cfg.path, cfg.split)
-    # Packed samples may be longer than a row: pack() spreads them over several rows instead of cutting them.
-    samples, rep = build_samples(records, cfg.format, tokenizer, None if cfg.packing else seq_len, cfg.too_long,
-                                 progress)
-    line = f"{rep.samples} samples, {rep.tokens:,} tokens from {cfg.path} (format {cfg.format}); "
-    if cfg.packing:
-        samples = pack(samples, seq_len)
-        line += f"packed into {len(samples)} rows of up to {seq_len} tokens"
-    else:
-        line += f"{rep.truncated} truncated to {seq_len} tokens, {rep.dropped_no_labels} dropped with no response left"
-    return samples, line
-
-
-def fingerprint(samples: list[Sample]) -> str:
-    """sha256 of every sample's tokens and labels, in order: a resumed run must see the data it was trained on."""
-    import hashlib
-    from array import array
-
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(array("q", s.input_ids).tobytes())
-        h.update(b"|")
-        h.update(array("q", s.labels).tobytes())
-        h.update(b"\n")
-    return h.hexdigest()
+        if packed:
+            segments = list(s.segments or (n,))
+            docs += segments
+            if width > n:
+                segments.append(width - n)
+            positions[i] = torch.cat([torch.arange(k) for k in segments])
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if packed:
+        out["position_ids"] = positions
+        out["doc_lengths"] = torch.tensor(docs, dtype=torch.long)
+    return out

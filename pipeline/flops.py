@@ -60,8 +60,14 @@ def flop_model(model: torch.nn.Module) -> FlopModel:
     return FlopModel(frozen, trainable, config.num_hidden_layers, config.hidden_size)
 
 
-def batch_flops(fm: FlopModel, attention_mask: torch.Tensor, checkpointing: bool) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one micro-batch, from its non-padding tokens and padded row length."""
+def batch_flops(fm: FlopModel, attention_mask: torch.Tensor, checkpointing: bool,
+                doc_lengths: torch.Tensor | None = None) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one micro-batch, from its non-padding tokens and padded row length; for
+    packed rows (``doc_lengths`` given), each document attends over its own length only."""
+    if doc_lengths is not None:
+        lengths = [int(n) for n in doc_lengths]
+        model = sum(n * fm.per_token(n) for n in lengths)
+        return model, model + (sum(n * fm.recompute_per_token(n) for n in lengths) if checkpointing else 0.0)
     tokens = float(attention_mask.sum())
     seq = attention_mask.shape[1]
     model = tokens * fm.per_token(seq)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline import distributed as dist
 from pipeline import faults
 from pipeline.config import Config
-from pipeline.data import IGNORE_INDEX, Sample, collate, rank_micro_batches
+from pipeline.data import IGNORE_INDEX, collate, rank_micro_batches
 from pipeline.errors import RunError
 from pipeline.flops import batch_flops, flop_model, peak_tflops
 from pipeline.memory import MemoryMeter
@@ -32,11 +32,68 @@ class Progress:
     elapsed_s: float = 0.0  # training wall time before this start
 
 
-def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, reporter: Reporter, pad_id: int,
-          save: Callable[[Progress], None], progress: Progress, stop: StopRequest, meter: MemoryMeter | None = None
-          ) -> int:
+def model_inputs(b: dict[str, torch.Tensor], device, flatten: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model's keyword arguments for a collated micro-batch, and its labels, on ``device``.
+
+    Packed rows pass ``position_ids`` and no ``attention_mask``: transformers then keeps each document's attention
+    inside it (sdpa/eager build a block-diagonal causal mask from the positions). flash-attention reads packing
+    from the positions only at batch size 1, so with ``flatten`` the rows become one ``[1, batch * width]`` row
+    (each row starts a document whose first label is masked, so no loss crosses rows either).
+    """
+    labels = b["labels"].to(device)
+    if "position_ids" not in b:
+        return {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}, labels
+    ids, pos = b["input_ids"].to(device), b["position_ids"].to(device)
+    if flatten:
+        ids, pos, labels = ids.reshape(1, -1), pos.reshape(1, -1), labels.reshape(1, -1)
+    return {"input_ids": ids, "position_ids": pos}, labels
+
+
+def token_loss_sum(engine, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the labelled positions of a micro-batch (fp32)."""
+    logits = engine(**inputs).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
+    return ce
+
+
+def validation_loss(engine, rows, micro_batch_size: int, info: dist.DistInfo, pad_id: int, flatten: bool
+                    ) -> tuple[float, int]:
+    """Token-weighted loss over the whole validation set, all ranks: (loss, label tokens).
+
+    Rank ``r`` takes rows ``r, r + world, ...``; every rank runs the same number of forward passes (ZeRO-3 gathers
+    parameters collectively), a rank past its last row running row 0 with its labels ignored. No gradients,
+    dropout off; the engine is back in training mode afterwards.
+    """
+    world, n = info.world_size, len(rows)
+    mine = list(range(info.rank, n, world))
+    passes = -(-(-(-n // world)) // micro_batch_size)  # ceil(ceil(n / world) / micro_batch_size)
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    engine.eval()
+    with torch.no_grad():
+        for k in range(passes):
+            idx = mine[k * micro_batch_size:(k + 1) * micro_batch_size]
+            b = collate([rows[i] for i in idx] if idx else [rows[0]], pad_id)
+            if not idx:
+                b["labels"].fill_(IGNORE_INDEX)
+            inputs, labels = model_inputs(b, info.device, flatten)
+            total[0] += token_loss_sum(engine, inputs, labels).double()
+            total[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    engine.train()
+    loss_sum, tokens = (float(x) for x in dist.all_reduce_sum(total))
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter, pad_id: int,
+          save: Callable[[Progress], None], progress: Progress, stop: StopRequest, meter: MemoryMeter | None = None,
+          val_rows=None) -> int:
     """Run optimizer steps ``progress.step + 1 .. cfg.train.max_steps``; return 0, or the number of the signal
     that stopped the run early (after a checkpoint of the last finished step was saved).
+
+    ``samples``: the training rows (``len`` and ``[i]`` giving a :class:`pipeline.data.Sample`). ``val_rows``: the
+    validation rows, evaluated (:func:`validation_loss`) before the first update of a fresh run, every
+    ``train.eval_every`` steps and after the last step.
 
     Loss normalisation: each step minimises (sum of token losses over the *global* batch) / (label tokens in
     the global batch), whatever the split into ranks and accumulation micro-batches. So ZeRO stages, world
@@ -56,6 +113,16 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
     fm = flop_model(engine.module)
     peak = peak_tflops(cfg.train.peak_tflops, info.on_gpu)
     checkpointing = cfg.model.gradient_checkpointing
+    flatten = cfg.model.attn_implementation == "flash_attention_2"
+
+    def validate(step: int) -> None:
+        clock_v = Stopwatch()
+        loss, tokens = validation_loss(engine, val_rows, mb, info, pad_id, flatten)
+        reporter.validation({"step": step, "val_loss": loss, "val_tokens": tokens,
+                             "time_s": round(clock_v.elapsed(), 3)})
+
+    if val_rows is not None and progress.step == 0:
+        validate(0)
     for step in range(progress.step, cfg.train.max_steps):
         t0 = time.perf_counter()
         done = step + 1
@@ -63,7 +130,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         batches = [collate([samples[i] for i in idx], pad_id) for idx in micro]
 
         # One all-reduce for the step's normalisers (label tokens, non-padding tokens) and FLOPs, all ranks.
-        flops = [batch_flops(fm, b["attention_mask"], checkpointing) for b in batches]
+        flops = [batch_flops(fm, b["attention_mask"], checkpointing, b.get("doc_lengths")) for b in batches]
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
                                sum(int(b["attention_mask"].sum()) for b in batches),
                                sum(f[0] for f in flops), sum(f[1] for f in flops)], dtype=torch.float64,
@@ -76,11 +143,7 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
         own_norm = None
         drop = False
         for k, b in enumerate(batches):
-            b = {key: v.to(info.device) for key, v in b.items()}
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-            del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
+            ce = token_loss_sum(engine, *model_inputs(b, info.device, flatten))
             if faults.nonfinite(done, info.rank):
                 ce = ce * float("nan")
             faults.during_step(done, info.rank)
@@ -139,6 +202,9 @@ def train(engine, samples: list[Sample], cfg: Config, info: dist.DistInfo, repor
             raise RunError(f"{consecutive_bad} steps in a row up to step {done} had a non-finite loss or gradient "
                            f"norm and were skipped; the run is not recovering: lower optim.lr or check the data")
 
+        if val_rows is not None and (done == cfg.train.max_steps or (cfg.train.eval_every and
+                                                                     done % cfg.train.eval_every == 0)):
+            validate(done)
         saved = False
         if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
             progress.elapsed_s += clock.lap()

@@ -78,6 +78,16 @@ class Reporter:
         elif row["step"] % self._every == 0 or row["step"] == self.total:
             print(f"step {row['step']:>6}/{self.total}  {summary}", flush=True)
 
+    def validation(self, row: dict[str, Any]) -> None:
+        """Record one evaluation of the validation set: a row of ``val.jsonl`` beside ``metrics.jsonl``, a line."""
+        if not self.active:
+            return
+        if self._path is not None:
+            with open(self._path.with_name("val.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        self.print(f"validation at step {row['step']}: loss {row['val_loss']:.4f} over {row['val_tokens']:,} label "
+                   f"tokens ({row['time_s']:.1f} s)")
+
     def loss_summary(self) -> str:
         """``loss A -> B``: the mean over the first and the last (up to) 5 steps of this run."""
         k = max(1, min(5, len(self._losses) // 2))
