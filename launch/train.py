@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     output_dir = checkpoint.check_output_dir(cfg.output_dir, args.overwrite)
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
-                              data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve())))
+                              data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve()),
+                                                       val_path=cfg.data.val_path and str(Path(cfg.data.val_path).resolve())))
     if scoring:  # bad MMLU data is found now, not in mmlu.log after the first checkpoint
         from pipeline import mmlu
 

@@ -207,9 +207,14 @@ def fit_to_length(s: Sample, where: str, seq_len: int | None, too_long: str) -> 
                             f"{seq_len} (raise train.seq_len, or set data.too_long=truncate)")
         truncated = True
         s = Sample(s.input_ids[:seq_len], s.labels[:seq_len])
-    if all(t == IGNORE_INDEX for t in s.labels[1:]):
+    if loss_tokens(s.labels) == 0:
         return None, truncated
     return s, truncated
+
+
+def loss_tokens(labels: list[int]) -> int:
+    """Positions that carry loss: labels after the first (nothing predicts a row's first token)."""
+    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if len(labels) > 1 else 0
 
 
 def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

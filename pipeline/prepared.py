@@ -12,6 +12,8 @@ settings, and the key is also the data fingerprint a resumed run checks.
         train/rows/            packing only: each row's segments (doc, start, length) into train/tokens
         val/tokens/, val/rows/ the validation set, the same way
     <cache_dir>/<key>.lock     flock: one process builds, every other (rank, node, job) waits for it
+    <cache_dir>/<key>.error    the bad-data error of the last build, so that the processes waiting on it stop
+                               with the same line instead of tokenising again one after another
     <cache_dir>/stat/          content digests of data files by (path, size, mtime, inode): not rehashed per start
 
 A build works in ``<cache_dir>/.build-<key>-<pid>`` and is renamed into place only when complete, so a killed
@@ -34,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.data import (IGNORE_INDEX, DataError, Sample, fit_to_length, pack_plan, tokenize_records)
+from pipeline.data import IGNORE_INDEX, DataError, Sample, fit_to_length, loss_tokens, pack_plan, tokenize_records
 from pipeline.files import atomic_write_text, locked
 
 #: Bump when what a build writes changes meaning: every older cache then gets a new key.
@@ -144,14 +146,24 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
     problem = verify(target)
     built = False
     if problem:
+        asked = time.time()
+        failed = cache / f"{key}.error"
         with _build_lock(cache / f"{key}.lock", say if announce else (lambda _msg: None)):
             problem = verify(target)  # another process may have built it while this one waited
+            if problem and failed.is_file() and failed.stat().st_mtime >= asked - 1:
+                # The build this process waited for found bad data: the same inputs give the same error, so
+                # repeating it (once per rank, serially) would only delay the one line the user needs.
+                raise DataError(failed.read_text().strip())
             if problem:
                 if problem != "absent":
                     say(f"data: warning: the cache {target} is unusable ({problem}); rebuilding it")
                     _discard(target)
                 clock = time.perf_counter()
-                _build(data_cfg, tokenizer, seq_len, cache, key, facts, say)
+                try:
+                    _build(data_cfg, tokenizer, seq_len, cache, key, facts, say)
+                except DataError as e:
+                    atomic_write_text(failed, f"{e}\n")
+                    raise
                 say(f"data: cache built in {time.perf_counter() - clock:.1f} s: {target}")
                 built = True
                 problem = verify(target)
@@ -394,7 +406,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, fmt: str, tokenizer, seq
         out["input_ids"].append(kept.input_ids if kept else [])
         out["labels"].append(kept.labels if kept else [])
         out["length"].append(len(kept.input_ids) if kept else 0)
-        out["loss_tokens"].append(sum(t != IGNORE_INDEX for t in kept.labels[1:]) if kept else 0)
+        out["loss_tokens"].append(loss_tokens(kept.labels) if kept else 0)
         out["truncated"].append(truncated)
         out["kept"].append(kept is not None)
         out["source"].append(i)

@@ -1,15 +1,17 @@
-"""Reading, tokenising (response-only labels), packing, sharded batching and collation."""
+"""Tokenising (response-only labels), the packing plan, sharded batching and collation (the per-record and
+per-batch pieces; whole files through the cache are tests/test_prepared.py)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (IGNORE_INDEX, DataError, Sample, build_samples, collate, epoch_order,
-                           global_batch_indices, pack, rank_micro_batches, read_records, tokenize_record)
+from pipeline.data import (IGNORE_INDEX, DataError, Sample, collate, epoch_order, global_batch_indices, pack_plan,
+                           rank_micro_batches, tokenize_record, tokenize_records)
 from pipeline.tiny import BUNDLED_DATA, generate_dataset
 
 RECS = [{"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
@@ -49,87 +51,6 @@ def labelled_runs(sample):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def test_read_jsonl_skips_blank_lines(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", RECS, blank_after=(0,))
-    out = read_records(p)
-    assert [r for _, r in out] == RECS
-    assert [w for w, _ in out] == [f"{p}:1", f"{p}:3", f"{p}:4"]  # line numbers are the file's own
-
-
-def test_read_json_list_and_data_key(tmp_path):
-    p = tmp_path / "d.json"
-    p.write_text(json.dumps(RECS, indent=1))
-    assert [r for _, r in read_records(p)] == RECS
-    p.write_text(json.dumps({"data": RECS}))
-    assert [r for _, r in read_records(p)] == RECS
-    p.write_text(json.dumps({"rows": RECS}))
-    with pytest.raises(DataError, match="list"):
-        read_records(p)
-
-
-def test_read_parquet(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    p = tmp_path / "d.parquet"
-    pq.write_table(pa.Table.from_pylist(RECS), p)
-    out = read_records(p)
-    assert [r for _, r in out] == RECS
-    assert str(p) in out[0][0]
-
-
-def test_read_saved_dataset_and_dataset_dict(tmp_path):
-    import datasets
-
-    ds = datasets.Dataset.from_list(RECS)
-    ds.save_to_disk(str(tmp_path / "one"))
-    assert [r for _, r in read_records(tmp_path / "one")] == RECS
-
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(RECS[:2]),
-                               "test": datasets.Dataset.from_list(RECS[2:])})
-    dd.save_to_disk(str(tmp_path / "dict"))
-    assert [r for _, r in read_records(tmp_path / "dict")] == RECS[:2]
-    assert [r for _, r in read_records(tmp_path / "dict", split="test")] == RECS[2:]
-    with pytest.raises(DataError) as info:
-        read_records(tmp_path / "dict", split="validation")
-    msg = str(info.value)
-    assert "validation" in msg and "train" in msg and "test" in msg and "data.split" in msg
-
-
-def test_read_errors(tmp_path):
-    p = write_jsonl(tmp_path / "file.jsonl", RECS[:2])
-    p.write_text(p.read_text() + '{"instruction": "x", "output": \n')
-    with pytest.raises(DataError) as info:
-        read_records(p)
-    assert "file.jsonl:3" in str(info.value)
-
-    with pytest.raises(DataError, match="not found"):
-        read_records(tmp_path / "missing.jsonl")
-    csv = tmp_path / "d.csv"
-    csv.write_text("a,b\n1,2\n")
-    with pytest.raises(DataError, match=r"\.csv"):
-        read_records(csv)
-    (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(DataError, match="save_to_disk"):
-        read_records(tmp_path / "plain_dir")
-    bad = tmp_path / "bad.json"
-    bad.write_text('[\n {"text": "a"},\n {"text": }\n]')
-    with pytest.raises(DataError, match="bad.json:3"):
-        read_records(bad)
-
-
-def test_empty_dataset(tmp_path, tok):
-    p = tmp_path / "empty.jsonl"
-    p.write_text("\n\n")
-    assert read_records(p) == []
-    with pytest.raises(DataError, match="empty"):
-        build_samples(read_records(p), "instruction", tok, 64, "truncate")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Tokenising
 
 
@@ -145,6 +66,15 @@ def test_instruction_labels_only_response(tok, rec):
     prompt = tok.decode(s.input_ids[1:n_prompt])
     assert rec["instruction"] in prompt and prompt.endswith("### Response:\n")
     assert ("### Input:" in prompt) == bool(rec["input"])
+
+
+@pytest.mark.parametrize("fmt", ["instruction", "text"])
+def test_batched_tokenising_equals_per_record(tok, fmt):
+    recs = generate_dataset(200, seed=3)
+    if fmt == "text":
+        recs = [{"text": f"{r['instruction']} {r['output']}"} for r in recs]
+    records = [(f"x:{i}", r) for i, r in enumerate(recs)]
+    assert tokenize_records(records, fmt, tok) == [tokenize_record(r, w, fmt, tok) for w, r in records]
 
 
 def test_text_labels_everything(tok):
@@ -185,86 +115,46 @@ def test_chat_errors(tok):
         tokenize_record({"text": "hi"}, "f.jsonl:6", "chat", tok)
 
 
-@pytest.mark.parametrize("fmt, record, field", [
-    ("instruction", {"instruction": "Say hi."}, "output"),
-    ("instruction", {"prompt": "Say hi.", "output": "hi"}, "instruction"),
-    ("instruction", {"instruction": "Say hi.", "output": 3}, "output"),
-    ("text", {"content": "hello"}, "text"),
-])
-def test_missing_field_names_field_and_location(tmp_path, tok, fmt, record, field):
-    good = RECS[0] if fmt == "instruction" else {"text": "hello"}
-    p = write_jsonl(tmp_path / "d.jsonl", [good, record])
-    with pytest.raises(DataError) as info:
-        build_samples(read_records(p), fmt, tok, 256, "truncate")
-    msg = str(info.value)
-    assert f"'{field}'" in msg and f"{p}:2" in msg
-
-
-def test_too_long_refuse_and_truncate(tmp_path, tok):
-    long = {"instruction": "Write these digits as words.", "input": "1 2 3",
-            "output": " ".join(["one two three four five six seven eight nine"] * 6)}
-    p = write_jsonl(tmp_path / "d.jsonl", [RECS[0], long])
-    long_sample = tokenize_record(long, "", "instruction", tok)
-    n_long = len(long_sample.input_ids)
-    n_prompt = sum(t == IGNORE_INDEX for t in long_sample.labels)
-    seq_len = max(len(tokenize_record(RECS[0], "", "instruction", tok).input_ids), n_prompt + 5)
-    assert n_long > seq_len
-    with pytest.raises(DataError) as info:
-        build_samples(read_records(p), "instruction", tok, seq_len, "refuse")
-    msg = str(info.value)
-    assert f"{p}:2" in msg and f"seq_len={seq_len}" in msg and str(n_long) in msg
-
-    samples, rep = build_samples(read_records(p), "instruction", tok, seq_len, "truncate")
-    assert rep.samples == 2 and rep.truncated == 1 and rep.dropped_no_labels == 0
-    assert len(samples[1].input_ids) == seq_len == len(samples[1].labels)
-    assert samples[1].input_ids == long_sample.input_ids[:seq_len]
-    assert samples[1].labels == long_sample.labels[:seq_len]
-    assert rep.tokens == sum(len(s.input_ids) for s in samples)
-
-
-def test_sample_whose_response_is_cut_is_dropped(tmp_path, tok):
-    long_prompt = {"instruction": "Sort these words alphabetically. " * 12, "input": "", "output": "apple"}
-    p = write_jsonl(tmp_path / "d.jsonl", [RECS[0], long_prompt, RECS[1]])
-    seq_len = max(len(tokenize_record(r, "", "instruction", tok).input_ids) for r in RECS[:2])
-    long_sample = tokenize_record(long_prompt, "", "instruction", tok)
-    prompt_len = sum(t == IGNORE_INDEX for t in long_sample.labels)
-    assert prompt_len > seq_len
-    samples, rep = build_samples(read_records(p), "instruction", tok, seq_len, "truncate")
-    assert rep.samples == 2 == len(samples)
-    assert rep.truncated == 1 and rep.dropped_no_labels == 1
-    assert [s.input_ids for s in samples] == [tokenize_record(r, "", "instruction", tok).input_ids
-                                              for r in (RECS[0], RECS[1])]
-    # nothing left at all -> an error, not an empty run
-    p2 = write_jsonl(tmp_path / "d2.jsonl", [long_prompt])
-    with pytest.raises(DataError, match="seq_len"):
-        build_samples(read_records(p2), "instruction", tok, seq_len, "truncate")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Packing
 
 
-def test_pack(tok):
-    records = [(f"x:{i}", r) for i, r in enumerate(generate_dataset(40, seed=5))]
-    samples, _ = build_samples(records, "instruction", tok, 256, "truncate")
-    seq_len = 48
-    rows = pack(samples, seq_len)
-    assert len(rows) >= 2
-    assert all(len(r.input_ids) == seq_len for r in rows[:-1])
-    assert 0 < len(rows[-1].input_ids) <= seq_len
-    assert all(len(r.labels) == len(r.input_ids) for r in rows)
-    flat_rows = [t for r in rows for t in r.input_ids]
-    flat_samples = [t for s in samples for t in s.input_ids]
-    assert flat_rows == flat_samples
-    assert [t for r in rows for t in r.labels] == [t for s in samples for t in s.labels]
-    total = len(flat_samples)
-    assert len(rows) == -(-total // seq_len)
+def plan_rows(lengths, seq_len):
+    offsets, doc, start, length = pack_plan(np.array(lengths), seq_len)
+    return [list(zip(doc[offsets[r]:offsets[r + 1]].tolist(), start[offsets[r]:offsets[r + 1]].tolist(),
+                     length[offsets[r]:offsets[r + 1]].tolist())) for r in range(len(offsets) - 1)]
 
 
-def test_pack_exact_multiple_has_no_empty_tail():
-    s = Sample([1, 5, 6, 2], [IGNORE_INDEX, 5, 6, 2])
-    rows = pack([s, s, s], 4)
-    assert len(rows) == 3 and all(r.input_ids == s.input_ids for r in rows)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pack_plan_covers_every_token_once_and_splits_only_long_documents(seed):
+    rng = np.random.default_rng(seed)
+    seq_len = 64
+    lengths = rng.integers(1, 90, size=500)  # some longer than a row
+    rows = plan_rows(lengths, seq_len)
+    covered = {d: [] for d in range(len(lengths))}
+    for row in rows:
+        assert 0 < sum(n for _, _, n in row) <= seq_len
+        for d, start, n in row:
+            covered[d].append((start, n))
+    for d, pieces in covered.items():
+        pieces.sort()
+        # contiguous, from 0 to the end: every token of every document, once
+        assert pieces[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:]))
+        assert pieces[-1][0] + pieces[-1][1] == lengths[d]
+        if lengths[d] <= seq_len:
+            assert len(pieces) == 1, f"document {d} of {lengths[d]} tokens was split"
+        else:  # whole rows of its own, then the remainder
+            assert len(pieces) == -(-lengths[d] // seq_len)
+    total = int(lengths.sum())
+    assert len(rows) <= 1.08 * -(-total // seq_len), "bin packing left too much room"  # best fit: near-optimal
+    assert plan_rows(lengths, seq_len) == rows  # deterministic
+
+
+def test_pack_plan_beats_filling_in_order():
+    # in order, 40 + 40 never share a 64-token row and every 40 wastes 24; best fit pairs each 40 with a 24
+    lengths = [40, 40, 24, 24] * 10
+    assert len(plan_rows(lengths, 64)) == 20
+    assert plan_rows([64, 64], 64) == [[(0, 0, 64)], [(1, 0, 64)]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,6 +247,16 @@ def test_collate_right_pads():
     assert all(t.dtype == torch.long and t.shape == (2, 4) for t in out.values())
 
 
+def test_collate_packed_rows_restart_positions_at_each_document():
+    a = Sample([1, 10, 2, 1, 11, 12, 2], [IGNORE_INDEX, 10, 2, IGNORE_INDEX, 11, 12, 2], segments=(3, 4))
+    b = Sample([1, 13, 2], [IGNORE_INDEX, 13, 2], segments=(3,))
+    out = collate([a, b], pad_id=0)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3]]  # padding: its own run
+    assert out["doc_lengths"].tolist() == [3, 4, 3]
+    assert out["attention_mask"].tolist()[1] == [1, 1, 1, 0, 0, 0, 0]
+    assert "position_ids" not in collate([Sample([1, 2], [IGNORE_INDEX, 2])], pad_id=0)
+
+
 def test_collate_with_real_tokenizer(tok):
     samples = [tokenize_record(r, "", "instruction", tok) for r in RECS]
     out = collate(samples, tok.pad_token_id)
@@ -384,20 +284,3 @@ def test_chat_starting_with_assistant_is_refused(tok):
     msgs = [{"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "ok"}]
     with pytest.raises(DataError, match="starts with an assistant message"):
         tokenize_record({"messages": msgs}, "f.jsonl:9", "chat", tok)
-
-
-def test_packing_spreads_long_samples_instead_of_cutting_them(tok, tmp_path):
-    from pipeline.config import DataConfig
-    from pipeline.data import load_samples
-
-    long_text = " ".join(f"word{i}" for i in range(120))
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short one"}) + "\n")
-    whole = tokenize_record({"text": long_text}, "x", "text", tok).input_ids
-    assert len(whole) > 64
-    rows, report = load_samples(DataConfig(path=str(path), format="text", packing=True), tok, seq_len=64)
-    packed = [t for r in rows for t in r.input_ids]
-    assert packed[:len(whole)] == whole  # nothing of the long document was dropped
-    assert all(len(r.input_ids) == 64 for r in rows[:-1]) and "packed into" in report
-    rows, report = load_samples(DataConfig(path=str(path), format="text", packing=False), tok, seq_len=64)
-    assert len(rows[0].input_ids) == 64 and "1 truncated" in report  # without packing it is cut, and counted
