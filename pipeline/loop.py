@@ -46,7 +46,8 @@ def model_inputs(b: dict[str, torch.Tensor], device, flatten: bool) -> tuple[dic
     ids, pos = b["input_ids"].to(device), b["position_ids"].to(device)
     if flatten:
         ids, pos, labels = ids.reshape(1, -1), pos.reshape(1, -1), labels.reshape(1, -1)
-    return {"input_ids": ids, "position_ids": pos}, labels
+    # use_cache=False: with a KV cache transformers ignores the positions' packing and attends across documents.
+    return {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels
 
 
 def token_loss_sum(engine, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

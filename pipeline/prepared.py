@@ -109,6 +109,9 @@ def tokenizer_digest(tokenizer_dir: str) -> str:
 
 def cache_key(data_cfg, tokenizer_dir: str, seq_len: int, cache: Path) -> tuple[str, dict]:
     """The key of a preparation and the facts it is made of (kept in the manifest)."""
+    for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
+        if path and not Path(path).exists():
+            raise DataError(f"data file not found: {path} (config key '{key}')")
     facts = {
         "version": PREP_VERSION,
         "data": file_digest(Path(data_cfg.path), cache),
