@@ -174,8 +174,8 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
                     raise DataError(f"{target}: the cache just built does not verify ({problem}); is "
                                     f"data.cache_dir on a filesystem that loses writes?")
     manifest = json.loads((target / "manifest.json").read_text())
-    prepared = Prepared(key, target, Rows.open(target / "train", data_cfg.packing),
-                        Rows.open(target / "val", data_cfg.packing) if manifest["val"] else None,
+    prepared = Prepared(key, target, Rows(target / "train", data_cfg.packing),
+                        Rows(target / "val", data_cfg.packing) if manifest["val"] else None,
                         report_lines(manifest, data_cfg))
     if announce and not built:
         say(f"data: cache {target} (prepared earlier; nothing tokenised)")
@@ -492,40 +492,65 @@ def verify(directory: Path) -> str | None:
     return None
 
 
+class _ListColumn:
+    """Zero-copy random access to a list column of memory-mapped Arrow record batches: ``col[i]`` is row ``i``'s
+    values as a NumPy view of the file (nothing is read until it is touched)."""
+
+    def __init__(self, chunks):
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+        self.offsets = [c.offsets.to_numpy() for c in chunks]
+        self.values = [c.values.to_numpy() for c in chunks]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1
+        j = i - self.starts[c]
+        return self.values[c][self.offsets[c][j]:self.offsets[c][j + 1]]
+
+
+def _memory_map(directory: Path):
+    """The Arrow table of a ``save_to_disk`` directory, memory-mapped with pyarrow alone (importing ``datasets``
+    costs a start about 2 s)."""
+    import pyarrow as pa
+
+    files = json.loads((directory / "state.json").read_text())["_data_files"]
+    tables = [pa.ipc.open_stream(pa.memory_map(str(directory / f["filename"]), "r")).read_all() for f in files]
+    return pa.concat_tables(tables)
+
+
 class Rows:
     """The rows of one split, memory-mapped: ``len(rows)`` and ``rows[i]`` (a :class:`Sample`). Unpacked, a row
     is one sample; packed, the segments of its plan, each document's first label masked (nothing before it in
     the row may predict it)."""
 
-    def __init__(self, tokens, plan):
-        self.tokens = tokens
-        self.plan = plan
-
-    @classmethod
-    def open(cls, directory: Path, packing: bool) -> "Rows":
-        import datasets
-
-        tokens = datasets.load_from_disk(str(directory / "tokens")).with_format("numpy",
-                                                                                 columns=["input_ids", "labels"])
-        plan = datasets.load_from_disk(str(directory / "rows")).with_format("numpy") if packing else None
-        return cls(tokens, plan)
+    def __init__(self, directory: Path, packing: bool):
+        self.table = _memory_map(directory / "tokens")
+        self.ids = _ListColumn(self.table.column("input_ids").chunks)
+        self.labels = _ListColumn(self.table.column("labels").chunks)
+        self.plan = None
+        if packing:
+            plan = _memory_map(directory / "rows")
+            self.plan = [_ListColumn(plan.column(name).chunks) for name in ("doc", "start", "length")]
+            self._rows = plan.num_rows
 
     def __len__(self) -> int:
-        return len(self.plan if self.plan is not None else self.tokens)
+        return self._rows if self.plan is not None else self.table.num_rows
 
     def __getitem__(self, i: int) -> Sample:
+        i = int(i)
         if self.plan is None:
-            row = self.tokens[int(i)]
-            return Sample(row["input_ids"], row["labels"])
-        seg = self.plan[int(i)]
+            return Sample(self.ids[i], self.labels[i])
+        docs, starts, lengths = (col[i] for col in self.plan)
         ids, labels = [], []
-        for d, start, n in zip(seg["doc"].tolist(), seg["start"].tolist(), seg["length"].tolist()):
-            doc = self.tokens[d]
-            ids.append(doc["input_ids"][start:start + n])
-            lab = doc["labels"][start:start + n].copy()
+        for d, start, n in zip(docs.tolist(), starts.tolist(), lengths.tolist()):
+            ids.append(self.ids[d][start:start + n])
+            lab = self.labels[d][start:start + n].copy()
             lab[0] = IGNORE_INDEX
             labels.append(lab)
-        return Sample(np.concatenate(ids), np.concatenate(labels), tuple(seg["length"].tolist()))
+        return Sample(np.concatenate(ids), np.concatenate(labels), tuple(lengths.tolist()))
+
+    def column(self, name: str) -> np.ndarray:
+        """A scalar column of the samples (``source``: the row of the data file each came from; ``length``)."""
+        return self.table.column(name).to_numpy()
 
 
 def report_lines(manifest: dict, data_cfg) -> list[str]:

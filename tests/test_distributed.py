@@ -233,27 +233,56 @@ def test_zero3_embedding_adapter_from_a_relative_model_path(runs_root, tiny_mode
         torch.testing.assert_close(loaded[name].detach(), v)
 
 
-def test_chat_format_packed_from_parquet(runs_root, tmp_path):
-    """The other data paths through the launcher: chat messages, read from parquet, packed into full rows."""
+def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, tiny_model_dir):
+    """The other data paths through the launcher: chat messages, read from parquet, packed; and a held-out
+    validation file, evaluated at step 0, every train.eval_every steps and at the end over both ranks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
 
+    from pipeline.config import DataConfig
+    from pipeline.data import IGNORE_INDEX
+    from pipeline.model import load_tokenizer
+    from pipeline.prepared import prepare
     from pipeline.tiny import generate_dataset
 
-    rows = [{"messages": [{"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
-                          {"role": "assistant", "content": r["output"]}]} for r in generate_dataset(300, seed=5)]
-    path = tmp_path / "chat.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    def chat(records):
+        return [{"messages": [{"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
+                              {"role": "assistant", "content": r["output"]}]} for r in records]
+
+    path, val_path = tmp_path / "chat.parquet", tmp_path / "val.parquet"
+    pq.write_table(pa.Table.from_pylist(chat(generate_dataset(300, seed=5))), path)
+    pq.write_table(pa.Table.from_pylist(chat(generate_dataset(37, seed=6))), val_path)  # 37: ranks get unequal shares
     seq_len = 64
     out, log = _run(runs_root, "chat-packed", [*COMMON, f"data.path={path}", "data.format=chat", "data.packing=true",
-                                               f"train.seq_len={seq_len}"], nprocs=2)
+                                               f"train.seq_len={seq_len}", f"data.val_path={val_path}",
+                                               "train.eval_every=4"], nprocs=2)
     assert "packed into" in log
     metrics = read_metrics(out)
     # (few label tokens per step, so the loss is too noisy here to test learning; other tests do that)
     assert len(metrics) == STEPS and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in metrics)
-    for r in metrics:  # 2 ranks x 2 rows, all full but (possibly) the dataset's last row: hardly any padding
-        assert 3 * seq_len < r["tokens"] <= 2 * 2 * seq_len and 0 < r["label_tokens"] < r["tokens"]
-    assert sum(r["tokens"] == 4 * seq_len for r in metrics) >= STEPS - 1
+    for r in metrics:  # 2 ranks x 2 rows of at most seq_len, filled by bin packing: little padding
+        assert 2 * seq_len < r["tokens"] <= 2 * 2 * seq_len and 0 < r["label_tokens"] < r["tokens"]
+
+    val = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [0, 4, STEPS]
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    # Step 0 is the base model (LoRA's B starts at zero): its loss over every validation document, each alone and
+    # unpacked, token-weighted, must be what two ranks computed on packed rows.
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = prepare(DataConfig(path=str(val_path), format="chat", cache_dir=str(tmp_path / "c")), tok,
+                   str(tiny_model_dir), seq_len).train
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    for i in range(len(rows)):
+        ids, labels = (torch.as_tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
+                                                         reduction="sum"))
+        tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    assert val[0]["val_tokens"] == tokens == val[-1]["val_tokens"]
+    assert val[0]["val_loss"] == pytest.approx(total / tokens, abs=1e-4)
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):

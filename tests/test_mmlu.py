@@ -183,13 +183,30 @@ def test_watcher_scores_each_checkpoint_once(run_dir):
 
 
 def test_training_scores_its_checkpoints_and_prints_the_table(tmp_path):
+    """With a held-out set, the table and the plot carry the validation loss of each scored step; a resumed run
+    appends to val.jsonl from its checkpoint on."""
     out = tmp_path / "run"
-    proc = run_train([f"output_dir={out}", "train.max_steps=2", "train.save_every=1",
-                      "--deepspeed_config", "deepspeed_configs/zero0.json", "eval.mmlu.every_checkpoint=true",
-                      "eval.mmlu.limit=1", "eval.mmlu.batch_size=16"])
+    args = [f"output_dir={out}", "train.save_every=1", "--deepspeed_config", "deepspeed_configs/zero0.json",
+            "eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=1", "eval.mmlu.batch_size=16",
+            "data.val_fraction=0.05", "train.eval_every=1"]
+    proc = run_train([*args, "train.max_steps=2"])
     assert "# MMLU by checkpoint" in proc.stdout and "Best checkpoint: **step-" in proc.stdout
     rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in rows) == [1, 2] and len(read_metrics(out)) == 2
+    val = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "val.jsonl").read_text().splitlines())}
+    assert sorted(val) == [0, 1, 2] and val[2] < val[0]
+    table = proc.stdout[proc.stdout.index("# MMLU by checkpoint"):]
+    assert "val loss |" in table.splitlines()[2]
+    for step in (1, 2):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {step} "))
+        assert line.rstrip(" |").endswith(f"{val[step]:.4f}"), line
+    # a row past the checkpoint (as a run stopped between evaluation and save would leave) is recomputed
+    with open(out / "val.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "val_loss": 9.0, "val_tokens": 1}) + "\n")
+    run_train([*args, "train.max_steps=3", "eval.mmlu.every_checkpoint=false"])
+    steps = [json.loads(line)["step"] for line in (out / "val.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    assert json.loads((out / "val.jsonl").read_text().splitlines()[-1])["val_loss"] < 9.0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_jsonl_blank_lines_and_line_numbers(tmp_path, prep, tok):
     p = write_jsonl(tmp_path / "d.jsonl", RECS, blank_after=(0,))
     data, _ = prep(p)
     assert ids_of(data.train) == expected(RECS, tok)
-    assert [int(x) for x in data.train.tokens.with_format("numpy")["source"]] == [0, 2, 3]  # the rows' own line numbers, less 1
+    assert [int(x) for x in data.train.column("source")] == [0, 2, 3]  # the rows' own line numbers, less 1
     p.write_text(p.read_text() + '{"instruction": "x", "output": \n')
     with pytest.raises(DataError, match=r"d\.jsonl:5: malformed JSON"):
         prep(p)
@@ -186,12 +186,12 @@ def test_sharegpt_bad_turns_name_file_and_line(tmp_path, prep, turn, match):
 
 def test_val_fraction_is_a_fixed_disjoint_split(tmp_path, prep):
     data, log = prep(BUNDLED_DATA, val_fraction=0.1)
-    train = {int(x) for x in data.train.tokens.with_format("numpy")["source"]}
-    val = {int(x) for x in data.val.tokens.with_format("numpy")["source"]}
+    train = {int(x) for x in data.train.column("source")}
+    val = {int(x) for x in data.val.column("source")}
     assert len(val) == 200 and len(train) == 1800 and not train & val
     assert any("held out (data.val_fraction=0.1)" in line for line in log)
     again, _ = prep(BUNDLED_DATA, val_fraction=0.1, cache_dir=str(tmp_path / "other"))  # rebuilt from scratch
-    assert {int(x) for x in again.val.tokens.with_format("numpy")["source"]} == val
+    assert {int(x) for x in again.val.column("source")} == val
 
 
 def test_val_path_errors(tmp_path, prep):
