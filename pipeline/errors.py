@@ -9,6 +9,10 @@ class UserError(Exception):
     """
 
     exit_code = 2
+    #: Who prints it under a multi-rank launcher: None, rank 0 (every rank raised the same error); "here", this
+    #: process, whatever its rank (it alone found it, e.g. while building the data cache); "elsewhere", nobody
+    #: here (another process found and printed it). The launcher may kill the others as soon as one exits.
+    printed: str | None = None
 
 
 class RunError(UserError):
@@ -35,7 +39,7 @@ def exit_on_user_error(main):
         try:
             result = main(*args, **kwargs)
         except UserError as e:
-            if os.environ.get("RANK", "0") == "0":
+            if e.printed == "here" or (e.printed is None and os.environ.get("RANK", "0") == "0"):
                 print(f"error: {e}", file=sys.stderr, flush=True)
             code = e.exit_code
         except SystemExit as e:

@@ -156,7 +156,7 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
             if problem and failed.is_file() and failed.stat().st_mtime >= asked - 1:
                 # The build this process waited for found bad data: the same inputs give the same error, so
                 # repeating it (once per rank, serially) would only delay the one line the user needs.
-                raise DataError(failed.read_text().strip())
+                raise _shared_error(failed)
             if problem:
                 if problem != "absent":
                     say(f"data: warning: the cache {target} is unusable ({problem}); rebuilding it")
@@ -165,7 +165,8 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
                 try:
                     _build(data_cfg, tokenizer, seq_len, cache, key, facts, say)
                 except DataError as e:
-                    atomic_write_text(failed, f"{e}\n")
+                    atomic_write_text(failed, json.dumps({"message": str(e), "reported": [_job()]}))
+                    e.printed = "here"  # this process alone found it; its job's other ranks stop without a word
                     raise
                 say(f"data: cache built in {time.perf_counter() - clock:.1f} s: {target}")
                 built = True
@@ -183,6 +184,26 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
         for line in prepared.report:
             say(line)
     return prepared
+
+
+def _job() -> str:
+    """This process's job: its launcher's rendezvous address (shared by every rank, on every node), or itself."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _shared_error(failed: Path) -> DataError:
+    """The error of the build this process waited for (the lock is held), printed once per job: by its first
+    process to read it; the job's other ranks exit without repeating it."""
+    record = json.loads(failed.read_text())
+    error = DataError(record["message"])
+    if _job() in record["reported"]:
+        error.printed = "elsewhere"
+    else:
+        error.printed = "here"
+        atomic_write_text(failed, json.dumps({**record, "reported": [*record["reported"], _job()]}))
+    return error
 
 
 def _check_writable(cache: Path) -> None:
@@ -328,7 +349,7 @@ class _Where:
         return f"{self.path} {'item' if self.kind == 'json' else 'row'} {i}"
 
 
-def _read(path: Path, split: str, scratch: Path):
+def _read(path: Path, split: str, scratch: Path, key: str):
     """The file as a ``datasets.Dataset``: one row per line (``.jsonl``, column ``line``), per item (``.json``),
     or the file's own rows (``.parquet``, ``save_to_disk``); and how to name a row."""
     import datasets
@@ -347,6 +368,8 @@ def _read(path: Path, split: str, scratch: Path):
         return ds, _Where(path, "rows")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the dataset is empty (config key '{key}')")
         try:
             ds = datasets.Dataset.from_text(str(path), cache_dir=str(scratch / "read"), keep_linebreaks=False)
         except Exception as e:  # the text builder fails on bytes that are not UTF-8, without a line number
@@ -421,8 +444,8 @@ def _tokenize_file(path: str, split: str, fmt: str, tokenizer, seq_len: int | No
     """Tokenise one data file into a ``datasets.Dataset`` of token rows, and its counts."""
     import datasets
 
-    raw, where = _read(Path(path), split, scratch)
     key = "data.path" if name == "train" else "data.val_path"
+    raw, where = _read(Path(path), split, scratch, key)
     procs = num_proc or (1 if raw.num_rows < SMALL else min(8, os.cpu_count() or 1))
     procs = max(1, min(procs, raw.num_rows))
     say(f"data: tokenising {raw.num_rows:,} {'lines' if where.kind == 'lines' else 'rows'} of {path} "

@@ -218,3 +218,39 @@ def test_seed_out_of_range(tmp_path):
     out = tmp_path / "o"
     proc = run_train([f"output_dir={out}", "seed=18446744073709551616"], check=False)
     assert_refused(proc, out, "'seed'")
+
+
+SHARE_OK = json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+
+
+@pytest.mark.parametrize("case", ["sharegpt-role", "sharegpt-value", "val-empty", "val-format", "val-fraction",
+                                  "cache-dir"])
+def test_bad_data_settings_are_one_line(tmp_path, case):
+    """The data issue's bad inputs, through launch/train.py: exit 2, one line naming the file and line (or key)."""
+    out = tmp_path / "o"
+    train = write_jsonl(tmp_path / "t.jsonl", [GOOD, GOOD])
+    args, needles = [f"data.path={train}", f"data.cache_dir={tmp_path / 'cache'}"], []
+    if case.startswith("sharegpt"):
+        turn = {"from": "robot", "value": "x"} if case == "sharegpt-role" else {"from": "gpt"}
+        bad = write_jsonl(tmp_path / "s.jsonl", [SHARE_OK, json.dumps({"conversations": [turn]})])
+        args = [f"data.path={bad}", "data.format=sharegpt", args[1]]
+        needles = [f"{bad}:2", "'robot'" if case == "sharegpt-role" else "no 'value'"]
+    elif case == "val-empty":
+        empty = write_jsonl(tmp_path / "v.jsonl", [])
+        args.append(f"data.val_path={empty}")
+        needles = [str(empty), "empty", "data.val_path"]
+    elif case == "val-format":
+        chat = write_jsonl(tmp_path / "v.jsonl", [json.dumps({"messages": [{"role": "user", "content": "x"}]})])
+        args.append(f"data.val_path={chat}")
+        needles = [f"{chat}:1", "'instruction'"]
+    elif case == "val-fraction":
+        args.append("data.val_fraction=0.6")
+        needles = ["data.val_fraction", "(0, 0.5]"]
+    else:
+        (tmp_path / "file").write_text("")
+        args[1] = f"data.cache_dir={tmp_path / 'file' / 'cache'}"
+        needles = ["data.cache_dir", str(tmp_path / "file" / "cache")]
+    proc = run_train([f"output_dir={out}", *args], check=False)
+    assert proc.returncode == 2
+    assert_refused(proc, out, *needles)
+    assert not (out / "val.jsonl").exists()

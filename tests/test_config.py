@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,18 @@ def test_dataclass_validation_direct():
         LoraConfig(dropout=1.0)
     with pytest.raises(ConfigError, match="optim.max_grad_norm"):
         OptimConfig(max_grad_norm=-1)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.val_fraction=0.6"], "data.val_fraction"),
+    (["data.val_fraction=-0.1"], "data.val_fraction"),
+    (["data.val_fraction=0.1", "data.val_path=v.jsonl"], "choose one validation set"),
+    (["train.eval_every=10"], "needs a validation set"),
+    (["data.num_proc=-1"], "data.num_proc"),
+    (["data.format=alpaca"], "sharegpt"),
+])
+def test_data_and_validation_keys_are_checked(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        make_config(None, overrides)
+    cfg = make_config(None, ["data.format=sharegpt", "data.val_fraction=0.5", "train.eval_every=5"])
+    assert cfg.data.val_fraction == 0.5 and cfg.train.eval_every == 5 and cfg.data.format == "sharegpt"
