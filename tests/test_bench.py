@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -70,3 +72,50 @@ def test_gpu_throughput_refuses_the_full_sweep_without_a_gpu(tmp_path):
                            str(tmp_path / "g")], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_scale_quick(tmp_path):
+    """The data bench end to end at 2,000 generated samples: two builds, a cold start that tokenises and a warm
+    one that does not, per-rank memory of both ranks."""
+    out = tmp_path / "ds"
+    bench("data_scale.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out))
+    r = json.loads(out.with_suffix(".json").read_text())
+    row = r["sizes"]["2k"]
+    assert [b["num_proc"] for b in row["builds"]] == [1, 2]
+    assert row["builds"][0]["tokens"] == row["builds"][1]["tokens"] > 2000 * 100  # ~27 tokens a task, 34 tasks
+    assert row["cold"]["tokenised"] and not row["warm"]["tokenised"] and not r["bundled"]["warm"]["tokenised"]
+    for start in (row["cold"], row["warm"], r["bundled"]["warm"]):
+        assert start["first_step_s"] > 0 and len(start["rss_gib"]) == 2 and all(0 < v < 8 for v in start["rss_gib"])
+    assert "| 2k (2,000 samples) | warm cache |" in out.with_suffix(".md").read_text()
+
+
+def test_toy_gradients_equal_autograd():
+    """bench/toy.py writes the toy's gradients out by hand; one GD step of it equals autograd's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import torch
+    import toy
+
+    width, ea, eb = 16, torch.tensor([0.01, 0.3]), torch.tensor([0.2, 0.05])
+    x, y, xt, yt, w_in, w_out, a0, b0 = toy.draw(3, width)
+    h, ht = torch.relu(x @ w_in.T), torch.relu(xt @ w_in.T)
+    expect = []
+    for k in range(2):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        loss = ((torch.relu(h @ a.T @ b.T) @ w_out[0] - y) ** 2).mean()
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        a1, b1 = a - ea[k] * ga, b - eb[k] * gb
+        expect.append(float(((torch.relu(ht @ a1.T @ b1.T) @ w_out[0] - yt) ** 2).mean()))
+    got = toy.train_grid(3, width, ea.double(), eb.double(), 1, "gd", (1,), 8)[1]
+    assert got.tolist() == pytest.approx(expect, rel=1e-4)
+    assert got[0] != got[1]
+
+
+def test_toy_quick(tmp_path):
+    out = tmp_path / "toy"
+    bench("toy.py", "--quick", "--out", str(out))
+    r = json.loads(out.with_suffix(".json").read_text())
+    for steps in ("steps_10", "steps_200"):
+        best = r["part1"][steps]
+        assert best["test_loss"] <= best["equal"]["test_loss"] and best["ratio"] == pytest.approx(
+            best["eta_B"] / best["eta_A"])
+    assert (tmp_path / "toy_heatmap.png").stat().st_size > 10_000

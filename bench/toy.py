@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""The LoRA+ paper's toy model (Hayou, Ghosh, Yu 2024, Section 3.2 / Appendix C.1.1), reproduced, and its width law.
+
+    python bench/toy.py            # part 1 (the toy as published) and part 2 (widths 64..4096, GD and Adam)
+    python bench/toy.py --quick    # one width, a coarse grid (CI)
+
+Plain torch, no DeepSpeed: this is about the method, not the pipeline.
+
+The model is ``f(x) = W_out ReLU(B A ReLU(W_in x))`` with input dimension ``d = 5``, width ``n`` and LoRA rank
+``r = 4``; ``W_in ~ N(0, 1)``, ``W_out ~ N(0, 1/n)``, ``A ~ N(0, 1/n)``, ``B ~ N(0, 1)``, and only ``A`` and
+``B`` train. Data: ``X ~ N(0, I_5)``, ``Y = sin(sum(X) / 5)``, 1,000 training and 100 test samples. Full-batch
+gradient descent (or Adam) on the mean squared error with separate learning rates ``eta_A`` and ``eta_B``; the
+test loss is read after 10 and after 200 steps, averaged over 3 seeds (each seed draws the data and the weights).
+
+Every ``(eta_A, eta_B)`` point of a grid trains at once: the trainable weights carry a leading grid dimension,
+and each point's loss depends on its own weights only, so one backward pass gives every point its own gradient.
+A point whose loss becomes non-finite (or exceeds ``DIVERGED``) is frozen and counted as diverged.
+
+Part 1 draws the test-loss heatmap over a log grid spanning about 2e-4 to 10 on both axes (the paper's), and
+reports the best pair, the best equal-lr point and both losses. Part 2 repeats the search at widths 64..4096 for
+gradient descent and for Adam, with a coarse grid and then a finer one around its optimum, reports the optimal
+ratio ``eta_B / eta_A`` (with its spread over seeds) and each lr per width, fits the exponent of the ratio
+against the width (the theory's is 1: ``eta_A = Theta(1/n)``, ``eta_B = Theta(1)``), and gives the loss gap
+between the best ratio and the best equal lr.
+
+Results: ``bench/results/toy.json``, ``toy_heatmap.png``, ``toy_width.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+D, RANK, N_TRAIN, N_TEST = 5, 4, 1000, 100
+DIVERGED = 1e3  # a test loss above this (the target is in [-1, 1]) is a diverged run
+SEEDS = (0, 1, 2)
+
+
+def draw(seed: int, width: int):
+    """Data and initial weights of one seed: (X, Y, X_test, Y_test, W_in, W_out, A, B)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN + N_TEST, D, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(1) / 5)
+    w_in = torch.randn(width, D, generator=g, dtype=torch.float64)
+    w_out = torch.randn(1, width, generator=g, dtype=torch.float64) / math.sqrt(width)
+    a = torch.randn(RANK, width, generator=g, dtype=torch.float64) / math.sqrt(width)
+    b = torch.randn(width, RANK, generator=g, dtype=torch.float64)
+    return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], w_in, w_out, a, b
+
+
+def train_grid(seed: int, width: int, eta_a: torch.Tensor, eta_b: torch.Tensor, steps: int, optimizer: str,
+               read_at: tuple[int, ...], chunk: int) -> dict[int, torch.Tensor]:
+    """Test losses after each step in ``read_at`` for every grid point ``(eta_a[k], eta_b[k])`` (inf: diverged).
+
+    The gradients are written out (the model is four lines; autograd's temporaries cost twice the time here):
+    with ``z = h A^T``, ``u = z B^T``, ``out = ReLU(u) w_out^T`` and ``e = out - y``, the loss ``mean(e^2)`` has
+    ``du = (2 e / S) w_out * [u > 0]``, ``dL/dB = du^T z`` and ``dL/dA = (du B)^T h``. Float32, as training is;
+    the losses are compared at a few significant digits."""
+    x, y, xt, yt, w_in, w_out, a0, b0 = (t.float() for t in draw(seed, width))
+    h, ht = torch.relu(x @ w_in.T), torch.relu(xt @ w_in.T)  # the frozen first layer: [samples, width]
+    w = w_out[0]
+    out = {s: torch.empty(len(eta_a), dtype=torch.float64) for s in read_at}
+    for lo in range(0, len(eta_a), chunk):
+        ea = eta_a[lo:lo + chunk].float().view(-1, 1, 1)
+        eb = eta_b[lo:lo + chunk].float().view(-1, 1, 1)
+        g = len(ea)
+        a = a0.expand(g, -1, -1).clone()
+        b = b0.expand(g, -1, -1).clone()
+        alive = torch.ones(g, dtype=torch.bool)
+        state = [torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(b)]
+        for step in range(1, steps + 1):
+            z = h @ a.transpose(1, 2)  # [g, S, r]
+            u = torch.relu_(z @ b.transpose(1, 2))  # [g, S, n]
+            e = u @ w - y  # [g, S]
+            loss = (e * e).mean(1)
+            du = (u > 0).to(u.dtype).mul_(w).mul_((2 / len(y)) * e.unsqueeze(-1))
+            del u
+            gb = du.transpose(1, 2) @ z
+            ga = (du @ b).transpose(1, 2) @ h
+            del du
+            alive &= torch.isfinite(loss) & (loss < DIVERGED)
+            if optimizer == "adam":
+                ga, gb = _adam(ga, gb, state, step)
+            live = alive.view(-1, 1, 1).to(a.dtype)
+            a -= live * ea * ga.nan_to_num_(0.0, 0.0, 0.0)
+            b -= live * eb * gb.nan_to_num_(0.0, 0.0, 0.0)
+            a.nan_to_num_(0.0, 0.0, 0.0)
+            b.nan_to_num_(0.0, 0.0, 0.0)
+            if step in out:
+                test = (torch.relu((ht @ a.transpose(1, 2)) @ b.transpose(1, 2)) @ w - yt).pow(2).mean(1).double()
+                ok = alive & torch.isfinite(test) & (test < DIVERGED)
+                out[step][lo:lo + g] = torch.where(ok, test, torch.full_like(test, math.inf))
+    return out
+
+
+def _adam(ga, gb, state, step, beta1=0.9, beta2=0.999, eps=1e-8):
+    ma, va, mb, vb = state
+    ma.mul_(beta1).add_(ga, alpha=1 - beta1)
+    va.mul_(beta2).addcmul_(ga, ga, value=1 - beta2)
+    mb.mul_(beta1).add_(gb, alpha=1 - beta1)
+    vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
+    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
+    return (ma / c1) / ((va / c2).sqrt() + eps), (mb / c1) / ((vb / c2).sqrt() + eps)
+
+
+def grid_losses(width: int, axis_a: torch.Tensor, axis_b: torch.Tensor, steps: int, optimizer: str,
+                read_at: tuple[int, ...], seeds=SEEDS) -> dict[int, torch.Tensor]:
+    """Per reading step: test losses ``[seeds, len(axis_a), len(axis_b)]``."""
+    ea, eb = torch.meshgrid(axis_a, axis_b, indexing="ij")
+    chunk = max(1, int(2e8 // (4 * N_TRAIN * width * 2)))  # each chunk's two [g, S, n] tensors: ~200 MB
+    per_seed = [train_grid(s, width, ea.flatten(), eb.flatten(), steps, optimizer, read_at, chunk) for s in seeds]
+    return {s: torch.stack([p[s].view(len(axis_a), len(axis_b)) for p in per_seed]) for s in read_at}
+
+
+def optimum(losses: torch.Tensor, axis_a: torch.Tensor, axis_b: torch.Tensor) -> dict:
+    """Best pair and best equal-lr point of the seed-mean losses ``[seeds, A, B]``; per-seed best ratios."""
+    mean = losses.mean(0)
+    i, j = divmod(int(torch.argmin(mean)), mean.shape[1])
+    per_seed = []
+    for s in range(losses.shape[0]):
+        si, sj = divmod(int(torch.argmin(losses[s])), mean.shape[1])
+        per_seed.append(float(axis_b[sj] / axis_a[si]))
+    best = {"eta_A": float(axis_a[i]), "eta_B": float(axis_b[j]), "ratio": float(axis_b[j] / axis_a[i]),
+            "test_loss": float(mean[i, j]), "test_loss_seeds": [float(v) for v in losses[:, i, j]],
+            "ratio_per_seed": per_seed, "on_grid_edge": i in (0, mean.shape[0] - 1) or j in (0, mean.shape[1] - 1)}
+    # equal learning rates: the grid points where eta_A == eta_B (the axes share their values there)
+    eq = [(k, m) for k in range(len(axis_a)) for m in range(len(axis_b))
+          if math.isclose(float(axis_a[k]), float(axis_b[m]), rel_tol=1e-9)]
+    if eq:
+        k, m = min(eq, key=lambda km: float(mean[km]))
+        best["equal"] = {"eta": float(axis_a[k]), "test_loss": float(mean[k, m])}
+    return best
+
+
+def log_axis(lo: float, hi: float, per_decade: int) -> torch.Tensor:
+    n = int(round(math.log10(hi / lo) * per_decade)) + 1
+    return torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
+
+
+def part1(args) -> dict:
+    axis = log_axis(2e-4, 10.0, args.per_decade)
+    t0 = time.time()
+    losses = grid_losses(args.width, axis, axis, 200, "gd", (10, 200))
+    res = {"width": args.width, "grid": [float(v) for v in axis], "seconds": round(time.time() - t0, 1)}
+    for s in (10, 200):
+        res[f"steps_{s}"] = optimum(losses[s], axis, axis)
+        res[f"steps_{s}"]["mean_test_loss"] = [[float(v) for v in row] for row in losses[s].mean(0)]
+    return res
+
+
+def equal_lr_best(width: int, optimizer: str, steps: int, lo: float, hi: float, per_decade: int) -> dict:
+    """The best single lr (eta_A = eta_B) on a 1-D log grid."""
+    axis = log_axis(lo, hi, per_decade)
+    ea = axis.clone()
+    losses = torch.stack([train_grid(s, width, ea, axis, steps, optimizer, (steps,), 64)[steps] for s in SEEDS])
+    mean = losses.mean(0)
+    k = int(torch.argmin(mean))
+    return {"eta": float(axis[k]), "test_loss": float(mean[k])}
+
+
+def part2(args) -> dict:
+    rows = {}
+    for optimizer in ("gd", "adam"):
+        lo, hi = (1e-5, 30.0) if optimizer == "gd" else (1e-5, 3.0)
+        for width in args.widths:
+            t0 = time.time()
+            coarse = log_axis(lo, hi, 2)
+            c = optimum(grid_losses(width, coarse, coarse, args.steps, optimizer, (args.steps,))[args.steps],
+                        coarse, coarse)
+            # a finer grid, 4 points a decade, over a decade either side of the coarse optimum
+            fa = log_axis(c["eta_A"] / 10, c["eta_A"] * 10, 4)
+            fb = log_axis(c["eta_B"] / 10, c["eta_B"] * 10, 4)
+            fine = optimum(grid_losses(width, fa, fb, args.steps, optimizer, (args.steps,))[args.steps], fa, fb)
+            eq = equal_lr_best(width, optimizer, args.steps, lo, hi, 6)
+            rows.setdefault(optimizer, []).append({
+                "width": width, "eta_A": fine["eta_A"], "eta_B": fine["eta_B"], "ratio": fine["ratio"],
+                "ratio_per_seed": fine["ratio_per_seed"], "test_loss": fine["test_loss"],
+                "on_fine_grid_edge": fine["on_grid_edge"], "best_equal_lr": eq["eta"],
+                "best_equal_lr_test_loss": eq["test_loss"],
+                "loss_gap_equal_minus_best": eq["test_loss"] - fine["test_loss"],
+                "seconds": round(time.time() - t0, 1)})
+            print(f"  {optimizer} width {width}: ratio {fine['ratio']:.3g} (eta_A {fine['eta_A']:.3g}, eta_B "
+                  f"{fine['eta_B']:.3g}) loss {fine['test_loss']:.4g}; equal lr {eq['eta']:.3g} loss "
+                  f"{eq['test_loss']:.4g} ({time.time() - t0:.0f} s)", flush=True)
+    fits = {}
+    for optimizer, rs in rows.items():
+        fits[optimizer] = {name: _slope([r["width"] for r in rs], [r[name] for r in rs])
+                           for name in ("ratio", "eta_A", "eta_B")}
+        per_seed = [_slope([r["width"] for r in rs], [r["ratio_per_seed"][s] for r in rs]) for s in range(len(SEEDS))]
+        fits[optimizer]["ratio_per_seed"] = per_seed
+    return {"steps": args.steps, "widths": args.widths, "rows": rows, "fitted_exponents": fits}
+
+
+def _slope(xs, ys) -> float:
+    """Least-squares slope of log(y) against log(x)."""
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else float("nan")
+
+
+def plots(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    p1 = res["part1"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    grid = np.array(p1["grid"])
+    for ax, s in zip(axes, (10, 200)):
+        m = np.log10(np.minimum(np.array(p1[f"steps_{s}"]["mean_test_loss"]), DIVERGED))
+        im = ax.pcolormesh(grid, grid, m.T, shading="nearest", cmap="viridis")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        best = p1[f"steps_{s}"]
+        ax.plot(best["eta_A"], best["eta_B"], "r*", markersize=12, label=f"best: ratio {best['ratio']:.3g}")
+        ax.plot(grid, grid, "w--", linewidth=0.8, label="eta_A = eta_B")
+        ax.set_xlabel("eta_A")
+        ax.set_ylabel("eta_B")
+        ax.set_title(f"log10 test loss after {s} steps (GD, n={p1['width']})")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_heatmap.png")
+    plt.close(fig)
+
+    if "part2" not in res:
+        return
+    p2 = res["part2"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for optimizer, rs in p2["rows"].items():
+        w = [r["width"] for r in rs]
+        lo = [min(r["ratio_per_seed"]) for r in rs]
+        hi = [max(r["ratio_per_seed"]) for r in rs]
+        ratio = [r["ratio"] for r in rs]
+        k = p2["fitted_exponents"][optimizer]["ratio"]
+        axes[0].errorbar(w, ratio, yerr=[[r - a for r, a in zip(ratio, lo)], [b - r for r, b in zip(ratio, hi)]],
+                         marker="o", capsize=3, label=f"{optimizer}: fitted exponent {k:.2f}")
+        axes[1].plot(w, [r["loss_gap_equal_minus_best"] for r in rs], marker="o", label=optimizer)
+    w = p2["widths"]
+    axes[0].plot(w, [p2["rows"]["gd"][0]["ratio"] * x / w[0] for x in w], "k:", label="exponent 1 (theory)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("width n")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("optimal eta_B / eta_A (seed range)")
+    axes[1].set_ylabel("test loss: best equal lr - best pair")
+    axes[1].set_yscale("symlog", linthresh=1e-4)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_width.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one width, a coarse grid, part 1 only (CI)")
+    ap.add_argument("--width", type=int, default=100, help="part 1's width (the paper's 100)")
+    ap.add_argument("--per-decade", type=int, default=4, help="part 1's grid points per decade of lr")
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
+    ap.add_argument("--steps", type=int, default=200, help="part 2's steps")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "toy"))
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.quick:
+        args.per_decade = 1
+    t0 = time.time()
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} cores", "command": "python bench/toy.py" + (" --quick" if args.quick else "")}
+    res["part1"] = part1(args)
+    b = res["part1"]["steps_200"]
+    print(f"part 1 (n={args.width}, GD, 200 steps): best eta_A {b['eta_A']:.3g}, eta_B {b['eta_B']:.3g} (ratio "
+          f"{b['ratio']:.3g}), test loss {b['test_loss']:.4g}; best equal lr {b['equal']['eta']:.3g}, test loss "
+          f"{b['equal']['test_loss']:.4g}", flush=True)
+    if not args.quick:
+        res["part2"] = part2(args)
+    res["seconds"] = round(time.time() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    plots(res, out)
+    print(f"done in {res['seconds']:.0f} s: {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
