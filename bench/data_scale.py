@@ -50,7 +50,7 @@ FULL = [("100k", 100_000, 34), ("1M", 1_000_000, 8)]  # name, samples, tasks per
 QUICK = [("2k", 2_000, 34)]
 
 
-def ranks_of(launcher: "psutil.Process") -> list:
+def ranks_of(launcher) -> list:
     """The rank processes under a ``deepspeed`` launcher: those started with ``--local_rank`` whose parent was not
     (a rank's forked workers, e.g. ``datasets.map``'s, share its command line)."""
     def is_rank(p) -> bool:

@@ -57,10 +57,11 @@ def main(argv=None) -> None:
     elif not has_tokenizer(model_path):  # random weights: any tokenizer whose ids fit the vocabulary will do
         model_path = str(tiny.ensure_tiny_model())
     output_dir = checkpoint.check_output_dir(cfg.output_dir, args.overwrite)
+    val_path = cfg.data.val_path and str(Path(cfg.data.val_path).resolve())
     cfg = dataclasses.replace(cfg, deepspeed_config=str(ds_path), output_dir=str(output_dir),
                               model=dataclasses.replace(cfg.model, name_or_path=str(Path(model_path).resolve())),
                               data=dataclasses.replace(cfg.data, path=str(Path(data_path).resolve()),
-                                                       val_path=cfg.data.val_path and str(Path(cfg.data.val_path).resolve())))
+                                                       val_path=val_path))
     if scoring:  # bad MMLU data is found now, not in mmlu.log after the first checkpoint
         from pipeline import mmlu
 

@@ -267,8 +267,6 @@ def _progress_bars(on: bool) -> None:
 
 
 def _build(data_cfg, tokenizer, seq_len: int, cache: Path, key: str, facts: dict, say) -> None:
-    import datasets
-
     work = cache / f".build-{key}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

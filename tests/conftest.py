@@ -39,6 +39,20 @@ def tiny_model_dir() -> Path:
     return ensure_tiny_model()
 
 
+@pytest.fixture(scope="session")
+def tok(tiny_model_dir):
+    """The tiny model's tokenizer."""
+    from pipeline.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+#: Three instruction samples (one without ``input``) for the data tests.
+RECS = [{"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
+        {"instruction": "Spell the word backwards.", "input": "river", "output": "revir"},
+        {"instruction": "Give the opposite of the word.", "input": "hot", "output": "The opposite of hot is cold."}]
+
+
 def train_command(args: list[str], nprocs: int = 0, port: int | None = None) -> list[str]:
     """launch/train.py through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python. MMLU scoring
     at checkpoints is off unless the arguments turn it on (it has tests of its own)."""

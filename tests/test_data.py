@@ -13,27 +13,7 @@ import torch
 from pipeline.data import (IGNORE_INDEX, DataError, Sample, collate, epoch_order, global_batch_indices, pack_plan,
                            rank_micro_batches, tokenize_record, tokenize_records)
 from pipeline.tiny import BUNDLED_DATA, generate_dataset
-
-RECS = [{"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
-        {"instruction": "Spell the word backwards.", "input": "river", "output": "revir"},
-        {"instruction": "Give the opposite of the word.", "input": "hot", "output": "The opposite of hot is cold."}]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from pipeline.model import load_tokenizer
-
-    return load_tokenizer(str(tiny_model_dir))
-
-
-def write_jsonl(path, records, blank_after=()):
-    lines = []
-    for i, r in enumerate(records):
-        lines.append(json.dumps(r))
-        if i in blank_after:
-            lines.append("   ")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.conftest import RECS
 
 
 def labelled_runs(sample):

@@ -4,7 +4,6 @@ rebuilds, sharegpt, validation sets, and packed rows that keep documents apart."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,18 +17,7 @@ from pipeline.config import DataConfig
 from pipeline.data import IGNORE_INDEX, DataError, collate, tokenize_record
 from pipeline.prepared import prepare, verify
 from pipeline.tiny import BUNDLED_DATA, generate_dataset
-from tests.conftest import REPO
-
-RECS = [{"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
-        {"instruction": "Spell the word backwards.", "input": "river", "output": "revir"},
-        {"instruction": "Give the opposite of the word.", "input": "hot", "output": "The opposite of hot is cold."}]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from pipeline.model import load_tokenizer
-
-    return load_tokenizer(str(tiny_model_dir))
+from tests.conftest import RECS, REPO
 
 
 @pytest.fixture
