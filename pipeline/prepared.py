@@ -137,7 +137,8 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
 
     Args:
         log: where progress and the report go (None: nowhere).
-        announce: whether this process prints the report (rank 0); a process that builds always reports.
+        announce: whether this process prints the report and its waiting (rank 0); a process that builds prints
+            its progress whatever its rank.
     Raises:
         DataError: bad data (file and line named), an empty validation set, an unusable ``data.cache_dir``.
     """
@@ -147,7 +148,7 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
     key, facts = cache_key(data_cfg, tokenizer_dir, seq_len, cache)
     target = cache / key
     problem = verify(target)
-    built = False
+    built, waited = False, bool(problem)
     if problem:
         asked = time.time()
         failed = cache / f"{key}.error"
@@ -179,8 +180,9 @@ def prepare(data_cfg, tokenizer, tokenizer_dir: str, seq_len: int, log: Callable
                         Rows(target / "val", data_cfg.packing) if manifest["val"] else None,
                         report_lines(manifest, data_cfg))
     if announce and not built:
-        say(f"data: cache {target} (prepared earlier; nothing tokenised)")
-    if announce or built:
+        how = "built by another process while this one waited" if waited else "prepared earlier"
+        say(f"data: cache {target} ({how}; nothing tokenised)")
+    if announce:
         for line in prepared.report:
             say(line)
     return prepared

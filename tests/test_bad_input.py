@@ -152,7 +152,8 @@ def test_override_without_equals_sign(tmp_path):
 
 
 def test_bad_input_under_the_launcher_is_one_line_from_rank_0(tmp_path):
-    """Both ranks find the error; only rank 0 prints it, and the launcher exits non-zero."""
+    """One rank finds the error while it builds the data cache and prints it; the other, waiting on that build,
+    stops without repeating it; the launcher exits non-zero."""
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD, "not json"])
     out = tmp_path / "o"
     proc = run_train([f"output_dir={out}", f"data.path={data}"], nprocs=2, check=False)
