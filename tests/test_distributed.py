@@ -43,11 +43,22 @@ def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def val_file(root: Path) -> Path:
+    """21 held-out samples (an odd count: the two ranks get unequal shares of the validation rows)."""
+    path = root / "val.jsonl"
+    if not path.exists():
+        from pipeline.tiny import generate_dataset
+
+        path.write_text("".join(json.dumps(r) + "\n" for r in generate_dataset(21, seed=9)))
+    return path
+
+
 def zero_run(root: Path, stage: str) -> tuple[Path, str]:
     if stage == "zero0_ws1_ga2":  # plain `python launch/train.py`: a world of one process
         return _run(root, stage, [*COMMON, "--deepspeed_config", "deepspeed_configs/zero0.json",
                                   "train.grad_accum=2"], nprocs=0)
-    return _run(root, stage, [*COMMON, "--deepspeed_config", f"deepspeed_configs/{stage}.json"], nprocs=2)
+    extra = [f"data.val_path={val_file(root)}", "train.eval_every=3"] if stage in ("zero2", "zero3") else []
+    return _run(root, stage, [*COMMON, "--deepspeed_config", f"deepspeed_configs/{stage}.json", *extra], nprocs=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,6 +79,17 @@ def test_zero_stages_give_the_same_losses(runs_root):
             # DeepSpeed's norm (ZeRO 1-3) and ours (ZeRO-0 keeps none) measure the same gradient.
             assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), f"{stage} step {row['step']}"
     assert all(r["grad_norm"] > 0 for r in reference)
+
+
+def test_validation_loss_is_the_same_under_zero2_and_zero3(runs_root):
+    """ZeRO-3 gathers parameters collectively: with unequal shares of the validation rows, every rank still runs
+    the same forwards (else the job would hang), and the loss over all ranks equals ZeRO-2's."""
+    rows = {stage: [json.loads(x) for x in (zero_run(runs_root, stage)[0] / "val.jsonl").read_text().splitlines()]
+            for stage in ("zero2", "zero3")}
+    assert [r["step"] for r in rows["zero2"]] == [r["step"] for r in rows["zero3"]] == [0, 3, STEPS]
+    for a, b in zip(rows["zero2"], rows["zero3"]):
+        assert a["val_tokens"] == b["val_tokens"] > 0 and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert rows["zero3"][-1]["val_loss"] < rows["zero3"][0]["val_loss"]
 
 
 def test_zero3_partitions_frozen_weights_at_load(runs_root):
