@@ -90,6 +90,10 @@ def check_compatible(state: dict, zero_stage: int, precision: str, fingerprint: 
     if state["precision"] != precision:
         raise UserError(f"{checkpoint} was trained in {state['precision']} and this run would train in "
                         f"{precision}; resume with the same precision (the DeepSpeed JSON's bf16/fp16 block)")
+    if state["data_fingerprint"] != fingerprint and len(state["data_fingerprint"]) == 64:
+        raise UserError(f"{checkpoint} was written before the data cache (its data fingerprint is a hash of every "
+                        f"token, now it is the cache key), so this version cannot tell whether the data is the "
+                        f"same; finish that run with the version that started it, or pass --overwrite")
     if state["data_fingerprint"] != fingerprint:
         raise UserError(f"the training data changed since {checkpoint} ({state['num_samples']} samples then, "
                         f"{num_samples} now, or different tokens); resuming would feed other batches than the "

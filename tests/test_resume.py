@@ -383,3 +383,15 @@ def test_resume_on_another_world_size(root, tmp_path, stage, world):
     assert all(math.isclose(x, 16.0, rel_tol=1e-9) for x in ratio), ratio  # the LoRA+ ratio survived the load
     assert checkpoint.verify(out / "checkpoints" / "step-12") is None
     assert not list((out / "checkpoints").glob(".universal-*"))
+
+
+def test_changed_data_and_pre_cache_checkpoints_are_refused():
+    from pipeline.errors import UserError
+    from pipeline.resume import check_compatible
+
+    state = {"zero_stage": 2, "precision": "fp32", "data_fingerprint": "a" * 24, "num_samples": 2000}
+    check_compatible(state, 2, "fp32", "a" * 24, 2000, "step-5")  # the same cache key: fine
+    with pytest.raises(UserError, match="training data changed since step-5 .2000 samples then, 1800 now"):
+        check_compatible(state, 2, "fp32", "b" * 24, 1800, "step-5")
+    with pytest.raises(UserError, match="written before the data cache"):
+        check_compatible({**state, "data_fingerprint": "c" * 64}, 2, "fp32", "a" * 24, 2000, "step-5")
