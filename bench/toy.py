@@ -23,7 +23,8 @@ ratio ``eta_B / eta_A`` (with its spread over seeds) and each lr per width, fits
 against the width (the theory's is 1: ``eta_A = Theta(1/n)``, ``eta_B = Theta(1)``), and gives the loss gap
 between the best ratio and the best equal lr.
 
-Results: ``bench/results/toy.json``, ``toy_heatmap.png``, ``toy_width.png``.
+Results: ``bench/results/toy.json`` (the optima under ``part1.steps_10``/``steps_200``, the width law under
+``part2.rows`` and ``part2.fitted_exponents``), ``toy.md``, ``toy_heatmap.png``, ``toy_width.png``.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def equal_lr_best(width: int, optimizer: str, steps: int, lo: float, hi: float, 
 
 def part2(args) -> dict:
     """Per optimizer and width: a coarse grid (1 point a decade, seed 0), then a fine one (4 a decade, 3 seeds) over
-    half a decade either side of its optimum; and the best equal lr on a 1-D grid (2 a decade, 3 seeds)."""
+    half a decade either side of its optimum; and the best equal lr on a 1-D grid (2 a decade, 3 seeds). The best
+    pair is the better of the fine grid's and the equal lr's; ``ratio_per_seed`` is each seed's fine-grid best."""
     rows = {}
     ranges = {"gd": ((1e-5, 1.0), (1e-3, 30.0)), "adam": ((1e-5, 0.1), (1e-4, 1.0))}
     for optimizer in ("gd", "adam"):
@@ -183,6 +185,19 @@ def part2(args) -> dict:
             fb = log_axis(c["eta_B"] / 10 ** 0.5, c["eta_B"] * 10 ** 0.5, 4)
             fine = optimum(grid_losses(width, fa, fb, args.steps, optimizer, (args.steps,))[args.steps], fa, fb)
             eq = equal_lr_best(width, optimizer, args.steps, min(alo, blo), max(ahi, bhi), 2)
+            if eq["test_loss"] < fine["test_loss"]:  # equal lrs are pairs too: the 2-D search missed them
+                fine = {**fine, "eta_A": eq["eta"], "eta_B": eq["eta"], "ratio": 1.0, "test_loss": eq["test_loss"],
+                        "on_grid_edge": False}
+            rows.setdefault(optimizer, []).append({
+                "width": width, "eta_A": fine["eta_A"], "eta_B": fine["eta_B"], "ratio": fine["ratio"],
+                "ratio_per_seed": fine["ratio_per_seed"], "test_loss": fine["test_loss"],
+                "on_fine_grid_edge": fine["on_grid_edge"], "coarse": {k: c[k] for k in ("eta_A", "eta_B")},
+                "best_equal_lr": eq["eta"], "best_equal_lr_test_loss": eq["test_loss"],
+                "loss_gap_equal_minus_best": eq["test_loss"] - fine["test_loss"],
+                "seconds": round(time.time() - t0, 1)})
+            print(f"  {optimizer} width {width}: ratio {fine['ratio']:.3g} (eta_A {fine['eta_A']:.3g}, eta_B "
+                  f"{fine['eta_B']:.3g}) loss {fine['test_loss']:.4g}; equal lr {eq['eta']:.3g} loss "
+                  f"{eq['test_loss']:.4g} ({time.time() - t0:.0f} s)", flush=True)
     fits = {}
     for optimizer, rs in rows.items():
         fits[optimizer] = {name: _slope([r["width"] for r in rs], [r[name] for r in rs])
@@ -238,7 +253,9 @@ def plots(res: dict, out: Path) -> None:
         hi = [max(r["ratio_per_seed"]) for r in rs]
         ratio = [r["ratio"] for r in rs]
         k = p2["fitted_exponents"][optimizer]["ratio"]
-        axes[0].errorbar(w, ratio, yerr=[[r - a for r, a in zip(ratio, lo)], [b - r for r, b in zip(ratio, hi)]],
+        # the seed-mean optimum can lie outside the per-seed optima's range (or be the equal-lr point)
+        axes[0].errorbar(w, ratio, yerr=[[max(0.0, r - a) for r, a in zip(ratio, lo)],
+                                         [max(0.0, b - r) for r, b in zip(ratio, hi)]],
                          marker="o", capsize=3, label=f"{optimizer}: fitted exponent {k:.2f}")
         axes[1].plot(w, [r["loss_gap_equal_minus_best"] for r in rs], marker="o", label=optimizer)
     w = p2["widths"]
@@ -256,6 +273,37 @@ def plots(res: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def table(res: dict) -> str:
+    """The markdown summary of a results file (``toy.md``)."""
+    p1 = res["part1"]
+    lines = [f"Measured {res['date']} on {res['machine']} (`{res['command']}`, {res['seconds'] / 60:.0f} min).", "",
+             f"Part 1: the toy as published (n = {p1['width']}, gradient descent, 3 seeds, "
+             f"{len(p1['grid'])} x {len(p1['grid'])} log grid from {p1['grid'][0]:.0e} to {p1['grid'][-1]:.0f}):", "",
+             "| steps | best eta_A | best eta_B | ratio | test loss | best equal lr | its test loss |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in (10, 200):
+        b = p1[f"steps_{s}"]
+        lines.append(f"| {s} | {b['eta_A']:.3g} | {b['eta_B']:.3g} | {b['ratio']:.3g} | {b['test_loss']:.4g} | "
+                     f"{b['equal']['eta']:.3g} | {b['equal']['test_loss']:.4g} |")
+    if "part2" in res:
+        p2 = res["part2"]
+        lines += ["", f"Part 2: the width law ({p2['steps']} steps, 3 seeds):", "",
+                  "| optimizer | width | eta_A | eta_B | ratio | ratio by seed | test loss | best equal lr | "
+                  "its test loss | gap |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for optimizer, rows in p2["rows"].items():
+            for r in rows:
+                seeds = ", ".join(f"{x:.3g}" for x in r["ratio_per_seed"])
+                lines.append(f"| {optimizer} | {r['width']} | {r['eta_A']:.3g} | {r['eta_B']:.3g} | {r['ratio']:.3g} | "
+                             f"{seeds} | {r['test_loss']:.4g} | {r['best_equal_lr']:.3g} | "
+                             f"{r['best_equal_lr_test_loss']:.4g} | {r['loss_gap_equal_minus_best']:.4g} |")
+        lines += ["", "Fitted exponents (least squares of log value against log width; theory: ratio 1, eta_A -1, "
+                      "eta_B 0):", "", "| optimizer | ratio | eta_A | eta_B | ratio, per seed |", "|---|---:|---:|---:|---|"]
+        for optimizer, f in p2["fitted_exponents"].items():
+            lines.append(f"| {optimizer} | {f['ratio']:.2f} | {f['eta_A']:.2f} | {f['eta_B']:.2f} | "
+                         + ", ".join(f"{x:.2f}" for x in f["ratio_per_seed"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one width, a coarse grid, part 1 only (CI)")
@@ -265,7 +313,14 @@ def main() -> None:
                     help="part 2's widths (4096 doubles the run's time)")
     ap.add_argument("--steps", type=int, default=200, help="part 2's steps")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "toy"))
+    ap.add_argument("--table", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.table:
+        res = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(table(res))
+        plots(res, out)
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     if args.quick:
         args.per_decade = 1
@@ -280,9 +335,9 @@ def main() -> None:
     if not args.quick:
         res["part2"] = part2(args)
     res["seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table(res))
     plots(res, out)
     print(f"done in {res['seconds']:.0f} s: {out.with_suffix('.json')}")
 
