@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader sees the old
     content or the new, never half. ``fsync``: also force it to disk first (for files whose presence means
-    "done", which an empty file after a crash must not imitate)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    "done", which an empty file after a crash must not imitate). The temporary name is the writer's own (host and
+    pid), so concurrent writers of the same file (ranks on a shared filesystem) never write into each other's."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         if fsync:

@@ -69,7 +69,7 @@ def validation_loss(engine, rows, micro_batch_size: int, info: dist.DistInfo, pa
     """
     world, n = info.world_size, len(rows)
     mine = list(range(info.rank, n, world))
-    passes = -(-(-(-n // world)) // micro_batch_size)  # ceil(ceil(n / world) / micro_batch_size)
+    passes = math.ceil(math.ceil(n / world) / micro_batch_size)  # the busiest rank's micro-batches
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     engine.eval()
     with torch.no_grad():

@@ -92,9 +92,7 @@ def file_digest(path: Path, cache: Path) -> str:
                 h.update(chunk)
     digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)  # concurrent writers write the same digest; the rename keeps it whole
+    atomic_write_text(memo, digest)  # concurrent writers write the same digest; the rename keeps it whole
     return digest
 
 
