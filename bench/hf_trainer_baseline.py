@@ -75,8 +75,9 @@ def main(argv=None) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    ds_config = dist.assemble_ds_config(ds_json, cfg, world, on_gpu)
-    bf16 = on_gpu and bool(ds_config.get("bf16", {}).get("enabled"))
+    precision, _ = dist.resolve_precision(ds_json, cfg.train.precision, on_gpu, cfg.deepspeed_config)
+    ds_config = dist.assemble_ds_config(ds_json, cfg, world, precision)
+    bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     samples = prepare(dataclasses.replace(cfg.data, path=data_path), tokenizer, model_path, cfg.train.seq_len).train

@@ -74,6 +74,12 @@ def main(argv=None) -> None:
     #    its lock; the others wait) can take as long as it needs with no collective pending.
     on_gpu = dist.select_accelerator()
     kind = loraplus.pick_optimizer(cfg.optim.optimizer, dist.offloads_optimizer(ds_json), on_gpu)
+    precision, precision_note = dist.resolve_precision(ds_json, cfg.train.precision, on_gpu, ds_path)
+    if cfg.model.attn_implementation == "flash_attention_2" and precision == "fp32":
+        raise UserError(f"model.attn_implementation=flash_attention_2 runs in bf16 or fp16 only, and this run trains "
+                        f"in fp32 ({ds_path}, train.precision={cfg.train.precision}); set train.precision=bf16 or "
+                        f"model.attn_implementation=sdpa")
+    scorer.check_device(cfg.eval.mmlu.device, on_gpu, active=scoring)
     quiet_library_warnings()
     import torch
 
@@ -113,10 +119,11 @@ def main(argv=None) -> None:
             cfg, note = resume.fit_global_batch(cfg, point.state, info.world_size, point.directory.name)
             if note:
                 log.print(note)
-    ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, info.on_gpu)
+    ds_config = dist.assemble_ds_config(ds_json, cfg, info.world_size, precision)
     if resume.universal_needed(point, info.world_size):
         ds_config["checkpoint"] = {"load_universal": True}  # another world size: see resume.restore
-    precision = dist.precision(ds_config, info.on_gpu)
+    if precision_note:
+        log.print(precision_note)
     if cfg.model.random_init:
         log.print(f"model: random weights of model.shape ({cfg.model.shape.num_hidden_layers} layers, width "
                   f"{cfg.model.shape.hidden_size}; model.random_init=true), tokenizer of {cfg.model.name_or_path}")

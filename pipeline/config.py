@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,14 @@ class TrainConfig:
     eval_every: int = 0
     """With a validation set (``data.val_path`` or ``data.val_fraction``): its loss is computed before the first
     update (step 0), every N steps and at the end, into ``output_dir/val.jsonl``. 0: at step 0 and at the end."""
+    precision: str = "auto"
+    """``bf16`` or ``fp32`` weights and compute, whatever the DeepSpeed JSON says (a JSON that disagrees is
+    overridden, with one line saying so); ``auto``: the JSON's precision on GPU, fp32 on CPU. bf16 runs on CPU too
+    (DeepSpeed's CPU accelerator), slower but the same code path as a GPU run. bf16 needs ZeRO stage 1 or more."""
+    loss_chunk: int = 1024
+    """The loss is computed from the final hidden states in chunks of at most this many labelled tokens, each
+    chunk's logits in fp32 and freed before the next, so the whole ``[batch, seq, vocab]`` logits never exist
+    (with Llama-3's 128k vocabulary they are the largest tensor of a step). 0: the full-logits loss."""
     on_nonfinite: str = "skip"
     """A step whose loss or gradient norm is NaN/inf: ``skip`` it (no update; counted in ``metrics.jsonl``) or
     ``stop`` the run with an error. Either way the optimizer state and the checkpoints stay finite."""
@@ -268,6 +277,8 @@ class TrainConfig:
         _check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU name); got {self.peak_tflops}")
         for key in ("save_every", "keep_last", "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
+        _check_choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
+        _check(self.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0: the full-logits loss); got {self.loss_chunk}")
         _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
                f"must be 'skip' or 'stop'; got {self.on_nonfinite!r}")
 
@@ -289,7 +300,8 @@ class MmluEvalConfig:
     batch_size: str = "auto"
     """lm-eval batch size: a number or ``auto``."""
     device: str = "cpu"
-    """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``."""
+    """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``, GPU N of
+    the node as the launcher numbers them (the scorer sees only that GPU). Pick one no training rank uses."""
 
     def __post_init__(self) -> None:
         _check(self.every_checkpoint in ("auto", "true", "false"), "eval.mmlu.every_checkpoint",
@@ -298,6 +310,9 @@ class MmluEvalConfig:
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
                f"must be a number or 'auto'; got {self.batch_size!r}")
+        _check(self.device == "cpu" or re.fullmatch(r"cuda:\d+", self.device) is not None, "eval.mmlu.device",
+               f"must be cpu or cuda:N (a GPU index); got {self.device!r}" +
+               ("; plain 'cuda' means GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""))
 
 
 @dataclass

@@ -312,10 +312,11 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     packed = any(s.segments is not None for s in samples)
     positions = torch.zeros((len(samples), width), dtype=torch.long) if packed else None
     docs: list[int] = []
-    for i, s in enumerate(samples):
+    ids_np, labels_np = ids.numpy(), labels.numpy()  # views: rows from memory-mapped Arrow (read-only numpy
+    for i, s in enumerate(samples):                  # arrays) are copied in without becoming tensors themselves
         n = len(s.input_ids)
-        ids[i, :n] = torch.as_tensor(s.input_ids)
-        labels[i, :n] = torch.as_tensor(s.labels)
+        ids_np[i, :n] = s.input_ids
+        labels_np[i, :n] = s.labels
         mask[i, :n] = 1
         if packed:
             segments = list(s.segments or (n,))

@@ -112,31 +112,69 @@ def offloads_optimizer(ds: dict) -> bool:
 
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names; torch is imported lazily
+BF16_KEYS = ("bf16", "bfloat16")  # DeepSpeed still reads the legacy "bfloat16" block (runtime/config.py)
 
 
-def precision(ds: dict, on_gpu: bool) -> str:
-    """``bf16``, ``fp16`` or ``fp32``: what the JSON asks for on GPU; always ``fp32`` on CPU."""
-    if not on_gpu:
-        return "fp32"
-    if ds.get("bf16", {}).get("enabled"):
+def json_precision(ds: dict) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what a DeepSpeed JSON asks for."""
+    if any(isinstance(ds.get(k), dict) and ds[k].get("enabled") for k in BF16_KEYS):
         return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled"):
         return "fp16"
     return "fp32"
 
 
-def assemble_ds_config(ds: dict, cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The config handed to ``deepspeed.initialize``: the JSON's ZeRO/offload/precision choices plus the
-    recipe's batch shape and clipping. The only place these two sources meet."""
+def resolve_precision(ds: dict, requested: str, on_gpu: bool, json_path) -> tuple[str, str | None]:
+    """The precision a run trains in, and a line to print when it is not what the JSON says.
+
+    ``train.precision=auto`` follows the JSON on GPU and is fp32 on CPU (fast, and what CPU runs always were);
+    ``bf16``/``fp32`` win over the JSON. bf16 under ZeRO-0 is refused: DeepSpeed wraps the optimizer in
+    ``FP16_UnfusedOptimizer``, whose constructor takes one real ``optimizer.step()`` on zero gradients
+    (``unfused_optimizer.py`` ``initialize_optimizer_states``), so every Adam state starts at step 1 and weight decay
+    is applied once before training; with fp32 gradient accumulation (below) it refuses the mix outright.
+
+    Raises:
+        ConfigError: bf16 with ZeRO stage 0.
+    """
+    wanted = json_precision(ds)
+    if requested == "auto":
+        precision = wanted if on_gpu else "fp32"
+        note = None
+    else:
+        precision = requested
+        note = (f"train.precision={requested} overrides the {wanted} of {json_path}" if wanted != requested else None)
+    if precision == "bf16" and zero_stage(ds) == 0:
+        raise ConfigError(f"{json_path}: bf16 with ZeRO stage 0 is not supported: DeepSpeed's ZeRO-0 bf16 optimizer "
+                          f"takes one real step on zero gradients when it is built; use deepspeed_configs/zero1.json "
+                          f"(same memory for LoRA, fp32 master weights) or train.precision=fp32")
+    return precision, note
+
+
+def assemble_ds_config(ds: dict, cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+    """The config handed to ``deepspeed.initialize``: the JSON's ZeRO/offload choices, the resolved precision,
+    and the recipe's batch shape and clipping. The only place these two sources meet.
+
+    In bf16, gradients accumulate and are reduced over ranks in fp32 unless the JSON says otherwise
+    (``data_types.grad_accum_dtype``, ``communication_data_type``). DeepSpeed's defaults are the model dtype for
+    both: summing 8 micro-batches of LoRA gradients in bf16 was off by 4e-3 (relative), and ZeRO-1's
+    ``BF16_Optimizer``, which the fp32 accumulation selects, still rounds the accumulated sum to bf16 when it
+    all-reduces it (1.8e-3, even on one rank); in fp32 both are exact (``tests/test_bf16.py``). LoRA gradients are
+    small, so the doubled gradient traffic is too.
+    """
     out = json.loads(json.dumps(ds))  # deep copy
     out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     out["gradient_accumulation_steps"] = cfg.train.grad_accum
     out["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
     out["gradient_clipping"] = cfg.optim.max_grad_norm
     out.setdefault("steps_per_print", 10 ** 9)  # our own metrics replace DeepSpeed's periodic prints
-    if not on_gpu:  # CPU runs train in fp32 (see README); a bf16 JSON still works there
-        out.pop("bf16", None)
-        out.pop("fp16", None)
+    blocks = {k: out.pop(k) for k in (*BF16_KEYS, "fp16") if k in out}
+    if precision == "bf16":
+        block = next((b for k in BF16_KEYS if isinstance(b := blocks.get(k), dict) and b.get("enabled")), {})
+        out["bf16"] = {**block, "enabled": True}
+        out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        out.setdefault("communication_data_type", "fp32")
+    elif precision == "fp16":
+        out["fp16"] = blocks["fp16"]
     if offloads_optimizer(out):
         out.setdefault("zero_force_ds_cpu_optimizer", True)
     return out
@@ -177,13 +215,30 @@ def init() -> DistInfo:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Host threads are shared among the node's ranks on GPU too: DeepSpeedCPUAdam (optimizer offload) and the
+    # data collation run on them, and every rank taking every core oversubscribes the node.
+    torch.set_num_threads(cpu_threads_per_rank())
     if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(cpu_threads_per_rank())
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, on_gpu)
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among those it sees. The deepspeed launcher shows every rank all the node's GPUs (rank
+    ``LOCAL_RANK`` takes GPU ``LOCAL_RANK``); a scheduler that binds one GPU per task (SLURM ``--gpus-per-task=1``)
+    shows each rank one, its ``cuda:0``."""
+    from pipeline.errors import UserError
+
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(f"local rank {local_rank} sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} ranks per node, or "
+                        f"give each rank one GPU")
+    return local_rank
 
 
 def cpu_threads_per_rank() -> int:
@@ -459,7 +514,7 @@ def load_universal_state(engine, directory: Path, tag: str, settings: list[dict]
     - ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` copies group 0's settings into every group: every
       group is then named ``lora_A`` with lr_A, so the first resumed step would train B at A's lr (LoRA+ off);
     - it stores one ``step`` tensor object in every group's Adam state, so AdamW counts each step once per group
-      and the bias correction drifts.
+      and the bias correction drifts, and leaves it on the CPU (:func:`place_adam_steps`).
 
     Each group gets back the settings it had after ``deepspeed.initialize``, and each Adam state its own step.
     """
@@ -469,10 +524,30 @@ def load_universal_state(engine, directory: Path, tag: str, settings: list[dict]
     for group, saved in zip(optimizer_param_groups(engine), settings):
         group.update(json.loads(json.dumps(saved)))
     opt = engine.optimizer
-    inner = getattr(opt, "optimizer", None) or opt
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+    place_adam_steps(getattr(opt, "optimizer", None) or opt)
+
+
+def place_adam_steps(optimizer) -> None:
+    """Give every parameter's Adam ``step`` its own tensor where torch's AdamW expects it.
+
+    DeepSpeed's universal load (``ds_to_universal`` reads with ``map_location='cpu'``; ``stage3.py`` and
+    ``base_optimizer.py`` assign the value straight into the state) leaves one shared CPU tensor: AdamW then counts
+    each step once per group, and the fused and capturable kernels read a host pointer on a GPU. torch keeps
+    ``step`` as a float32 scalar on the parameter's device for fused/capturable AdamW, on the CPU otherwise
+    (``torch/optim/adam.py`` ``_init_group``).
+    """
+    import torch
+
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state is None or "step" not in state:
+                continue
+            step = state["step"]
+            value = step if torch.is_tensor(step) else torch.tensor(float(step))
+            state["step"] = value.detach().to(device=p.device if on_device else "cpu", dtype=torch.float32,
+                                              copy=True)
 
 
 def check_groups(engine, settings: list[dict]) -> None:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense bf16 tensor-core peaks, TFLOP/s per GPU (vendor datasheets; SXM parts).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
-               "L40S": 362.0}
+# Dense bf16 tensor-core peaks, TFLOP/s per GPU (NVIDIA datasheets), most specific name first: torch reports
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL" and "NVIDIA H100 80GB HBM3" (SXM).
+PEAK_TFLOPS = {"H100 PCIE": 756.0, "H100 NVL": 835.0, "H800 PCIE": 756.0, "H200": 989.0, "H100": 989.0,
+               "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 def peak_tflops(configured: float, on_gpu: bool) -> float | None:
@@ -29,7 +30,11 @@ def peak_tflops(configured: float, on_gpu: bool) -> float | None:
         return configured
     if not on_gpu:
         return None
-    name = torch.cuda.get_device_name().upper()
+    return peak_by_name(torch.cuda.get_device_name())
+
+
+def peak_by_name(device_name: str) -> float | None:
+    name = device_name.upper()
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 

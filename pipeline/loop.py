@@ -16,6 +16,8 @@ from pipeline.config import Config
 from pipeline.data import IGNORE_INDEX, collate, rank_micro_batches
 from pipeline.errors import RunError
 from pipeline.flops import batch_flops, flop_model, peak_tflops
+from pipeline.loss import full_token_loss_sum
+from pipeline.loss import token_loss_sum as chunked_token_loss_sum
 from pipeline.memory import MemoryMeter
 from pipeline.metrics import Reporter, Stopwatch
 from pipeline.preempt import StopRequest
@@ -50,17 +52,79 @@ def model_inputs(b: dict[str, torch.Tensor], device, flatten: bool) -> tuple[dic
     return {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels
 
 
-def token_loss_sum(engine, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token cross-entropy over the labelled positions of a micro-batch (fp32)."""
-    logits = engine(**inputs).logits
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="sum")
-    del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
-    return ce
+class LossHead:
+    """The next-token loss of a micro-batch: chunked from the final hidden states (``train.loss_chunk`` > 0), so the
+    whole ``[batch, seq, vocab]`` logits never exist, or from the model's full logits.
+
+    The chunked path runs the model as usual but asks it for the logits of the last position only
+    (``logits_to_keep=1``); a forward hook on the decoder keeps its output (the hidden states after the final norm),
+    and :func:`pipeline.loss.token_loss_sum` computes the loss of the labelled positions from them and the LM
+    head's weight, a chunk at a time. Under ZeRO-3 that weight (the input embedding, if tied) is gathered for it,
+    in the forward and again in the backward. A model whose logits are more than ``hidden @ W.T + b`` (Gemma-2's
+    soft-capping, Cohere's logit scale), an LM head with its own adapter, or a forward without ``logits_to_keep``
+    falls back to the full-logits loss, with a line that says why (``reason``).
+    """
+
+    def __init__(self, engine, chunk: int, zero3: bool):
+        model = engine.module
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.engine, self.chunk, self.zero3 = engine, chunk, zero3
+        self.reason = _why_not_chunked(base, zero3) if chunk > 0 else None
+        self.chunked = chunk > 0 and self.reason is None
+        self._hidden: torch.Tensor | None = None
+        if self.chunked:
+            head = base.get_output_embeddings()
+            self.weight, self.bias = head.weight, head.bias
+            base.get_decoder().register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _gather(self):
+        import deepspeed
+
+        params = [self.weight] + ([self.bias] if self.bias is not None else [])
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the next-token cross-entropy over the labelled positions (fp32)."""
+        if not self.chunked:
+            logits = self.engine(**inputs).logits
+            ce = full_token_loss_sum(logits, labels)
+            del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
+            return ce
+        last = self.engine(**inputs, logits_to_keep=1).logits
+        hidden, self._hidden = self._hidden, None
+        ce = chunked_token_loss_sum(hidden, labels, self.weight, self.bias, self.chunk,
+                                    gather=self._gather if self.zero3 else None)
+        # DeepSpeed starts its backward bookkeeping from hooks on the engine's outputs (engine.py
+        # register_output_backward_hooks): without the logits in the graph, BF16_Optimizer never clears its bf16
+        # gradients between micro-batches and counts the first ones twice (grad norm 15.5 instead of 10.0 at
+        # grad_accum 2, measured). Adding them times zero costs one [batch, 1, vocab] backward.
+        return ce + last.float().sum() * 0.0
 
 
-def validation_loss(engine, rows, micro_batch_size: int, info: dist.DistInfo, pad_id: int, flatten: bool
-                    ) -> tuple[float, int]:
+def _why_not_chunked(base, zero3: bool) -> str | None:
+    """Why the chunked loss cannot stand in for this model's own logits, or None if it can."""
+    import inspect
+
+    config = getattr(base, "config", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain Linear layer (an adapter on lm_head?)"
+    tied = head.weight is base.get_input_embeddings().weight
+    if zero3 and head.weight.requires_grad and not tied:  # see pipeline.loss.ChunkedCrossEntropy
+        return "its LM head is trained, untied, under ZeRO-3"
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep argument"
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"its logits are transformed after the LM head (config.{key}={getattr(config, key)})"
+    return None
+
+
+def validation_loss(engine, loss_of: LossHead, rows, micro_batch_size: int, info: dist.DistInfo, pad_id: int,
+                    flatten: bool) -> tuple[float, int]:
     """Token-weighted loss over the whole validation set, all ranks: (loss, label tokens).
 
     Rank ``r`` takes rows ``r, r + world, ...``; every rank runs the same number of forward passes (ZeRO-3 gathers
@@ -79,7 +143,7 @@ def validation_loss(engine, rows, micro_batch_size: int, info: dist.DistInfo, pa
             if not idx:
                 b["labels"].fill_(IGNORE_INDEX)
             inputs, labels = model_inputs(b, info.device, flatten)
-            total[0] += token_loss_sum(engine, inputs, labels).double()
+            total[0] += loss_of(inputs, labels).double()
             total[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
     engine.train()
     loss_sum, tokens = (float(x) for x in dist.all_reduce_sum(total))
@@ -115,10 +179,14 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
     peak = peak_tflops(cfg.train.peak_tflops, info.on_gpu)
     checkpointing = cfg.model.gradient_checkpointing
     flatten = cfg.model.attn_implementation == "flash_attention_2"
+    loss_of = LossHead(engine, cfg.train.loss_chunk, engine.zero_optimization_partition_weights())
+    if loss_of.reason:
+        reporter.print(f"train.loss_chunk={cfg.train.loss_chunk} cannot be used with this model: {loss_of.reason}; "
+                       f"computing the loss from full logits")
 
     def validate(step: int) -> None:
         clock_v = Stopwatch()
-        loss, tokens = validation_loss(engine, val_rows, mb, info, pad_id, flatten)
+        loss, tokens = validation_loss(engine, loss_of, val_rows, mb, info, pad_id, flatten)
         reporter.validation({"step": step, "val_loss": loss, "val_tokens": tokens,
                              "time_s": round(clock_v.elapsed(), 3)})
 
@@ -144,7 +212,7 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
         own_norm = None
         drop = False
         for k, b in enumerate(batches):
-            ce = token_loss_sum(engine, *model_inputs(b, info.device, flatten))
+            ce = loss_of(*model_inputs(b, info.device, flatten))
             if faults.nonfinite(done, info.rank):
                 ce = ce * float("nan")
             faults.during_step(done, info.rank)

@@ -20,8 +20,9 @@ Per rank, with N ranks, ZeRO stage S, b bytes per compute element (bf16: 2; CPU:
   bucket; with the shipped 1e9, every parameter of a model below 1B) and one bucket of all-gather staging;
 - activations as counted, with gradient checkpointing: each block's input, one block recomputed, and the rest;
 - while one block runs backward, gradients as large as its saved activations;
-- the backward's first gradients, of the loss's fp32 logits and of the slice they were cut from, which meet the
-  saved activations at the peak (the training loop frees the logits themselves once the loss is computed).
+- the backward's first gradients, which meet the saved activations at the peak: one loss chunk's logits gradient
+  (``train.loss_chunk``; ``pipeline/loss.py``), or, with the full-logits loss, those of the fp32 logits and of the
+  slice they were cut from (the training loop frees the logits themselves once the loss is computed).
 
 On a GPU a buffer counts in full when allocated. On CPU only written pages are resident, so a buffer counts up to
 what fills it (``device="cpu"``), which is how ``tests/test_plan.py`` checks the plan against measured runs.
@@ -151,8 +152,12 @@ class Activations:
         return self.blocks * self.block_input + self.per_block + rest
 
 
-def count_activations(model, micro_batch: int, seq_len: int) -> Activations:
-    """Bytes autograd saves in one forward pass and loss (as in ``pipeline.loop``) of a full micro-batch."""
+def count_activations(model, micro_batch: int, seq_len: int, loss_chunk: int = 0) -> Activations:
+    """Bytes autograd saves in one forward pass and loss (as in ``pipeline.loop``) of a full micro-batch.
+
+    ``loss_chunk`` > 0: the loss of ``pipeline.loss`` (the model's logits for the last position only; the loss
+    saves the labelled positions' hidden states, every position counted as labelled, and 17 bytes per row), and
+    the backward's largest block is one chunk's logits gradient, fp32 plus its bf16 copy. 0: the full logits."""
     import torch.nn.functional as F
 
     params = {id(p) for p in model.parameters()}
@@ -180,8 +185,11 @@ def count_activations(model, micro_batch: int, seq_len: int) -> Activations:
         with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             # A ready-made 4-D mask (free on meta) keeps transformers from inspecting values meta tensors lack.
             mask = torch.zeros(micro_batch, 1, seq_len, seq_len, dtype=next(model.parameters()).dtype, device="meta")
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+            if loss_chunk:
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
     finally:
         for h in hooks:
             h.remove()
@@ -189,9 +197,15 @@ def count_activations(model, micro_batch: int, seq_len: int) -> Activations:
     hidden = model.config.hidden_size
     dtype_bytes = next(model.parameters()).element_size()
     vocab = model.config.vocab_size
-    return Activations(saved=float(sum(saved.values())), per_block=float(per_block), blocks=len(blocks),
-                       block_input=float(micro_batch * seq_len * hidden * dtype_bytes),
-                       logits_grad=float(micro_batch * (seq_len - 1) * vocab * 8))
+    rows = micro_batch * seq_len
+    total = float(sum(saved.values()))
+    if loss_chunk:
+        total += rows * (hidden * dtype_bytes + 17)  # selected hidden states; max, sum (fp32), target, mask
+        first_grads = min(loss_chunk, rows) * vocab * (4 + (2 if dtype_bytes == 2 else 0))
+    else:
+        first_grads = micro_batch * (seq_len - 1) * vocab * 8
+    return Activations(saved=total, per_block=float(per_block), blocks=len(blocks),
+                       block_input=float(rows * hidden * dtype_bytes), logits_grad=float(first_grads))
 
 
 def _decoder_blocks(model) -> list[torch.nn.Module]:
@@ -215,7 +229,7 @@ def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, d
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1; got {gpus}")
     on_gpu = device == "gpu"
-    precision = dist.precision(ds_json, on_gpu)
+    precision, _ = dist.resolve_precision(ds_json, cfg.train.precision, on_gpu, cfg.deepspeed_config)
     b = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     dtype = {2: torch.bfloat16, 4: torch.float32}[b]
     stage = dist.zero_stage(ds_json)
@@ -269,12 +283,15 @@ def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, d
         add(Item("ZeRO-3 all-gather staging", prefetch * b, f"one prefetch bucket, {prefetch:.0e} elements"))
 
     mb, seq = cfg.train.micro_batch_size, cfg.train.seq_len
-    acts = count_activations(model, mb, seq)
+    acts = count_activations(model, mb, seq, cfg.train.loss_chunk)
     add(Item("activations", acts.total(cfg.model.gradient_checkpointing),
              f"micro-batch {mb} x {seq} tokens, gradient checkpointing "
              f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
     add(Item("backward of one block", acts.per_block, "gradients of one block's activations, while it runs"))
-    add(Item("logits gradients", acts.logits_grad, f"{mb} x {seq} x {model.config.vocab_size} x 2 fp32"))
+    chunk = cfg.train.loss_chunk
+    add(Item("logits gradients", acts.logits_grad,
+             f"one loss chunk: {min(chunk, mb * seq)} x {model.config.vocab_size} (train.loss_chunk)" if chunk else
+             f"{mb} x {seq} x {model.config.vocab_size} x 2 fp32 (train.loss_chunk=0)"))
     plan.facts = {"precision": precision, "stage": stage, "gpus": n, "offload": offload, "frozen": frozen,
                   "lora": lora, "groups": groups, "activations_with_gc": acts.total(True),
                   "activations_without_gc": acts.total(False), "micro_batch": mb, "seq_len": seq,

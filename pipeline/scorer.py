@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import MmluEvalConfig
+from pipeline.errors import UserError
 
 WATCH = Path(__file__).resolve().parent.parent / "eval" / "watch.py"
 LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -25,6 +26,50 @@ def enabled(cfg: MmluEvalConfig, model_is_builtin: bool) -> bool:
     return cfg.every_checkpoint == "true" or (cfg.every_checkpoint == "auto" and model_is_builtin)
 
 
+def check_device(device: str, on_gpu: bool, active: bool) -> None:
+    """Refuse an ``eval.mmlu.device`` the scorer could not use, before training starts.
+
+    lm-eval would not refuse it: it maps an unknown ``cuda:N`` to ``cuda`` (GPU 0, rank 0's training GPU) with only
+    an info log. ``config.py`` has checked the form (``cpu`` or ``cuda:N``).
+    """
+    if not active or device == "cpu":
+        return
+    n = int(device.split(":")[1])
+    if not on_gpu:
+        raise UserError(f"eval.mmlu.device={device}, but this machine trains on CPU (no CUDA GPU); use "
+                        f"eval.mmlu.device=cpu")
+    visible = node_gpus()
+    if n >= len(visible):
+        raise UserError(f"eval.mmlu.device={device}, but this node has {len(visible)} GPU(s) (cuda:0.."
+                        f"cuda:{len(visible) - 1}); name one of them, or cpu")
+
+
+def node_gpus() -> list[str]:
+    """The node's GPUs as the launcher gave them to this process: ``CUDA_VISIBLE_DEVICES`` entries, else ``0..n-1``.
+    The deepspeed launcher sets the variable to the node's whole list for every rank (ranks pick theirs by
+    ``LOCAL_RANK``)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def scorer_env(device: str, env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """The scorer's environment and ``--device``: it sees only its own GPU (``cuda:N`` -> that GPU, as its
+    ``cuda:0``), or none at all for ``cpu``, so it can never land on a training GPU by default."""
+    env = {k: v for k, v in env.items() if k not in LAUNCHER_VARS}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        return env, "cpu"
+    n = int(device.split(":")[1])
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed is not None else None
+    env["CUDA_VISIBLE_DEVICES"] = ids[n] if ids is not None and n < len(ids) else str(n)
+    return env, "cuda:0"
+
+
 class BackgroundScorer:
     """Rank 0's background scoring (``active`` false elsewhere, or when scoring is off)."""
 
@@ -33,10 +78,10 @@ class BackgroundScorer:
         self.active = active
         self._proc: subprocess.Popen | None = None
 
-    def command(self) -> list[str]:
+    def command(self, device: str) -> list[str]:
         cmd = [sys.executable, str(WATCH), "--run", str(self.output_dir), "--once", "--mmlu-data", self.cfg.data,
                "--num-fewshot", str(self.cfg.num_fewshot), "--batch-size", self.cfg.batch_size,
-               "--device", self.cfg.device]
+               "--device", device]
         return cmd + (["--limit", str(self.cfg.limit)] if self.cfg.limit else [])
 
     def checkpoint_saved(self) -> None:
@@ -50,8 +95,8 @@ class BackgroundScorer:
         log = open(self.output_dir / "mmlu.log", "a", encoding="utf-8")
         # Not a member of the training's process group: without the launcher's variables, lm-eval's accelerate
         # would try to join it (and fail on the port that is already taken).
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env, device = scorer_env(self.cfg.device, dict(os.environ))
+        self._proc = subprocess.Popen(self.command(device), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env)
         log.close()  # the child holds its own descriptor
 
