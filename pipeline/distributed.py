@@ -538,16 +538,17 @@ def place_adam_steps(optimizer) -> None:
     """
     import torch
 
-    for group in optimizer.param_groups:
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state is None or "step" not in state:
-                continue
-            step = state["step"]
-            value = step if torch.is_tensor(step) else torch.tensor(float(step))
-            state["step"] = value.detach().to(device=p.device if on_device else "cpu", dtype=torch.float32,
-                                              copy=True)
+    # ZeRO-3 empties its groups' "params" between steps (stage3.py puts each flat partition in only while it
+    # steps), so the state is walked, and a parameter found in no group takes the optimizer's defaults.
+    default = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+    flags = {id(p): bool(g.get("fused") or g.get("capturable")) for g in optimizer.param_groups for p in g["params"]}
+    for p, state in optimizer.state.items():
+        if "step" not in state:
+            continue
+        step = state["step"]
+        value = step if torch.is_tensor(step) else torch.tensor(float(step))
+        on_device = flags.get(id(p), default)
+        state["step"] = value.detach().to(device=p.device if on_device else "cpu", dtype=torch.float32, copy=True)
 
 
 def check_groups(engine, settings: list[dict]) -> None:

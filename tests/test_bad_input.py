@@ -174,8 +174,21 @@ def test_lora_target_that_matches_nothing_leaves_no_run_behind(tmp_path):
 
 def test_flash_attention_without_flash_attn(tmp_path):
     out = tmp_path / "o"
-    proc = run_train([f"output_dir={out}", "model.attn_implementation=flash_attention_2"], check=False)
+    proc = run_train([f"output_dir={out}", "model.attn_implementation=flash_attention_2", "train.precision=bf16"],
+                     check=False)
     assert_refused(proc, out, "flash_attention_2", "sdpa")
+
+
+@pytest.mark.parametrize("case", ["fa2-fp32", "bf16-zero0"])
+def test_precision_that_cannot_work_is_refused(tmp_path, case):
+    out = tmp_path / "o"
+    if case == "fa2-fp32":  # flash-attention kernels have no fp32 version: the first forward would fail
+        proc = run_train([f"output_dir={out}", "model.attn_implementation=flash_attention_2"], check=False)
+        assert_refused(proc, out, "flash_attention_2 runs in bf16 or fp16 only", "train.precision=bf16")
+    else:
+        proc = run_train([f"output_dir={out}", "train.precision=bf16", "--deepspeed_config",
+                          "deepspeed_configs/zero0.json"], check=False)
+        assert_refused(proc, out, "zero0.json: bf16 with ZeRO stage 0 is not supported", "zero1.json")
 
 
 def _copy_model(tiny_model_dir: Path, dest: Path, skip=()) -> Path:

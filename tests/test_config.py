@@ -262,41 +262,76 @@ def test_assemble_ds_config_fills_recipe_keys():
     cfg = make_config(overrides=["train.micro_batch_size=3", "train.grad_accum=5", "optim.max_grad_norm=0.5"])
     ds = distributed.read_ds_json(DS_DIR / "zero2.json")
     snapshot = json.dumps(ds, sort_keys=True)
-    out = distributed.assemble_ds_config(ds, cfg, world_size=4, on_gpu=False)
+    out = distributed.assemble_ds_config(ds, cfg, world_size=4, precision="fp32")
     assert out["train_micro_batch_size_per_gpu"] == 3
     assert out["gradient_accumulation_steps"] == 5
     assert out["train_batch_size"] == 3 * 5 * 4
     assert out["gradient_clipping"] == 0.5
     assert out["zero_optimization"] == ds["zero_optimization"]
-    assert "bf16" not in out and "fp16" not in out  # CPU trains in fp32
+    assert "bf16" not in out and "fp16" not in out  # the resolved precision, not the JSON's
     assert json.dumps(ds, sort_keys=True) == snapshot  # the input is not modified
 
-    gpu = distributed.assemble_ds_config(ds, cfg, world_size=2, on_gpu=True)
-    assert gpu["bf16"] == {"enabled": True}
-    assert gpu["train_batch_size"] == 3 * 5 * 2
+    bf16 = distributed.assemble_ds_config(ds, cfg, world_size=2, precision="bf16")
+    assert bf16["bf16"] == {"enabled": True} and bf16["train_batch_size"] == 3 * 5 * 2
+    # A JSON without them still accumulates and reduces gradients in fp32; a JSON's own choice is kept.
+    bare = distributed.assemble_ds_config({"zero_optimization": {"stage": 2}}, cfg, 1, "bf16")
+    assert bare["data_types"] == {"grad_accum_dtype": "fp32"} and bare["communication_data_type"] == "fp32"
+    own = distributed.assemble_ds_config({"data_types": {"grad_accum_dtype": "bf16"}}, cfg, 1, "bf16")
+    assert own["data_types"]["grad_accum_dtype"] == "bf16"
+    # The legacy "bfloat16" block is read as bf16, and written back under the current name with its settings.
+    legacy = distributed.assemble_ds_config({"bfloat16": {"enabled": True, "immediate_grad_update": True}}, cfg, 1,
+                                            "bf16")
+    assert "bfloat16" not in legacy and legacy["bf16"] == {"enabled": True, "immediate_grad_update": True}
 
-    fp16 = distributed.assemble_ds_config({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True}}, cfg, 1, True)
-    assert fp16["fp16"] == {"enabled": True}
-    assert "fp16" not in distributed.assemble_ds_config({"fp16": {"enabled": True}}, cfg, 1, False)
+    fp16 = distributed.assemble_ds_config({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True}}, cfg, 1, "fp16")
+    assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
 
 
 def test_assemble_ds_config_offload_forces_ds_cpu_optimizer():
     cfg = make_config()
-    off = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3_offload.json"), cfg, 1, True)
+    off = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3_offload.json"), cfg, 1, "bf16")
     assert off["zero_force_ds_cpu_optimizer"] is True
-    plain = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3.json"), cfg, 1, True)
+    plain = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3.json"), cfg, 1, "bf16")
     assert "zero_force_ds_cpu_optimizer" not in plain
 
 
 def test_precision():
+    resolve = distributed.resolve_precision
     bf16 = distributed.read_ds_json(DS_DIR / "zero2.json")
-    assert distributed.precision(bf16, on_gpu=False) == "fp32"
-    assert distributed.precision(bf16, on_gpu=True) == "bf16"
+    assert resolve(bf16, "auto", False, "z2") == ("fp32", None)  # CPU: fp32 unless asked
+    assert resolve(bf16, "auto", True, "z2") == ("bf16", None)
+    assert resolve(bf16, "bf16", False, "z2") == ("bf16", None)
+    precision, note = resolve(bf16, "fp32", True, "z2.json")
+    assert precision == "fp32" and note == "train.precision=fp32 overrides the bf16 of z2.json"
     zero0 = distributed.read_ds_json(DS_DIR / "zero0.json")
-    assert distributed.precision(zero0, on_gpu=True) == "fp32"
-    assert distributed.precision({"fp16": {"enabled": True}}, on_gpu=True) == "fp16"
-    assert distributed.precision({"fp16": {"enabled": True}}, on_gpu=False) == "fp32"
-    assert distributed.precision({"bf16": {"enabled": False}}, on_gpu=True) == "fp32"
+    assert resolve(zero0, "auto", True, "z0") == ("fp32", None)
+    assert resolve({"fp16": {"enabled": True}}, "auto", True, "j") == ("fp16", None)
+    assert resolve({"fp16": {"enabled": True}}, "auto", False, "j") == ("fp32", None)
+    assert resolve({"bf16": {"enabled": False}}, "auto", True, "j") == ("fp32", None)
+    assert resolve({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}}, "auto", True, "j")[0] == "bf16"
+    # bf16 under ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer would take a real step on zero gradients at start
+    raises_config_error(lambda: resolve(zero0, "bf16", False, "deepspeed_configs/zero0.json"),
+                        "deepspeed_configs/zero0.json: bf16 with ZeRO stage 0 is not supported", "zero1.json")
+    raises_config_error(lambda: resolve({"bf16": {"enabled": True}}, "auto", True, "mine.json"), "mine.json: bf16")
+
+
+def test_shipped_bf16_configs_accumulate_and_reduce_in_fp32():
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+        ds = distributed.read_ds_json(DS_DIR / f"{name}.json")
+        assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32", name
+        assert ds["communication_data_type"] == "fp32", name
+
+
+def test_train_precision_loss_chunk_and_scorer_device_keys():
+    assert make_config(overrides=["train.precision=bf16"]).train.precision == "bf16"
+    raises_config_error(lambda: make_config(overrides=["train.precision=fp16"]), "train.precision",
+                        "auto, bf16, fp32")
+    assert make_config().train.loss_chunk > 0 and make_config(overrides=["train.loss_chunk=0"]).train.loss_chunk == 0
+    raises_config_error(lambda: make_config(overrides=["train.loss_chunk=-1"]), "train.loss_chunk", ">= 0")
+    assert make_config(overrides=["eval.mmlu.device=cuda:3"]).eval.mmlu.device == "cuda:3"
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.device=cuda"]), "eval.mmlu.device",
+                        "rank 0's training GPU")
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.device=gpu1"]), "eval.mmlu.device", "cuda:N")
 
 
 def test_dataclass_validation_direct():

@@ -230,7 +230,7 @@ def test_bf16_resume_on_another_world_size(runs_root, tmp_path, stage):
     assert all(r["lr_groups"]["lora_B"] / r["lr_groups"]["lora_A"] == pytest.approx(16.0) for r in rows)
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, ref))
     print(f"bf16 {stage}: resumed on 1 rank, largest loss difference {diff:.3g}")
-    assert diff < 2e-3
+    assert diff < 1e-4  # measured 0: the same micro-batches, summed in fp32 either way
 
 
 def test_bf16_checkpoint_exports_and_scores_on_mmlu(runs_root, tmp_path):
@@ -258,8 +258,9 @@ def test_bf16_checkpoint_exports_and_scores_on_mmlu(runs_root, tmp_path):
         torch.testing.assert_close(merged, tuned.eval()(ids).logits, rtol=0, atol=1e-4)
     assert float((merged - plain).abs().max()) > 1e-3  # the adapter trained
 
-    proc = subprocess.run([sys.executable, str(REPO / "eval" / "watch.py"), "--run", str(out), "--once",
-                           "--limit", "1", "--batch-size", "16"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    watch = [sys.executable, str(REPO / "eval" / "watch.py"), "--run", str(out), "--once", "--mmlu-data", "sample",
+             "--limit", "1", "--batch-size", "16"]
+    proc = subprocess.run(watch, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in rows) == [3, 6] and all(0 <= r["acc"] <= 1 for r in rows)
@@ -445,3 +446,36 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
     assert cpu_threads_per_rank() == cores  # one process: every core
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
     assert cpu_threads_per_rank() == 3
+
+
+def test_gpu_index_with_all_or_one_visible_gpu():
+    from pipeline.distributed import gpu_index
+    from pipeline.errors import UserError
+
+    assert gpu_index(3, 8) == 3  # the deepspeed launcher: every rank sees the node's GPUs
+    assert gpu_index(3, 1) == 0  # one GPU bound per task (SLURM --gpus-per-task=1): its cuda:0
+    with pytest.raises(UserError, match="local rank 4 sees 2 GPU"):
+        gpu_index(4, 2)
+
+
+def test_universal_load_gives_each_adam_step_its_own_tensor_on_the_right_device():
+    """What DeepSpeed's universal load leaves (one shared CPU tensor, or a number) is repaired: one float32 step per
+    parameter, on the parameter's device for fused/capturable AdamW (a CUDA kernel cannot read a host pointer),
+    on the CPU otherwise. The meta device stands in for a GPU."""
+    from pipeline.distributed import place_adam_steps
+
+    for fused, zero3 in ((True, False), (False, False), (True, True)):
+        params = [torch.nn.Parameter(torch.zeros(2, device="meta")), torch.nn.Parameter(torch.zeros(3, device="meta"))]
+        opt = torch.optim.SGD(params, lr=0.1)  # any optimizer: only param_groups, defaults and state are read
+        opt.param_groups[0]["fused"] = opt.defaults["fused"] = fused
+        if zero3:  # between steps ZeRO-3 leaves its groups without params: the state is what is repaired
+            opt.param_groups[0]["params"] = []
+        shared = torch.tensor(5.0, dtype=torch.float64)
+        opt.state[params[0]] = {"step": shared}
+        opt.state[params[1]] = {"step": 5}
+        place_adam_steps(opt)
+        steps = [opt.state[p]["step"] for p in params]
+        assert steps[0] is not steps[1] and steps[0] is not shared
+        assert all(s.dtype == torch.float32 and s.device.type == ("meta" if fused else "cpu") for s in steps)
+        if not fused:
+            assert [float(s) for s in steps] == [5.0, 5.0]

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import LoraConfig
-from pipeline.flops import batch_flops, flop_model, peak_tflops
+from pipeline.flops import batch_flops, flop_model, peak_by_name, peak_tflops
 from pipeline.lora import add_lora
 
 
@@ -51,3 +51,12 @@ def test_padding_tokens_are_not_counted():
 def test_peak_is_given_or_known_or_none():
     assert peak_tflops(123.0, on_gpu=False) == 123.0
     assert peak_tflops(0.0, on_gpu=False) is None  # CPU: only when given
+
+
+def test_peaks_by_gpu_name():
+    # torch.cuda.get_device_name() strings; H100 PCIe and NVL are slower parts than the SXM H100
+    assert peak_by_name("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_by_name("NVIDIA H100 PCIe") == 756.0
+    assert peak_by_name("NVIDIA H100 NVL") == 835.0
+    assert peak_by_name("NVIDIA H200") == 989.0 and peak_by_name("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_by_name("NVIDIA GeForce RTX 4090") is None

@@ -275,3 +275,26 @@ def test_bad_mmlu_directory(run_dir, tmp_path, how, needle):
     data = _broken_copy(tmp_path, how)
     line = error_line(run(EVAL + ["--checkpoint", str(ckpt), "--mmlu-data", str(data), "--limit", "1"]))
     assert needle in line and not (ckpt / "mmlu.json").exists()
+
+
+def test_scorer_gets_its_own_gpu_or_none(monkeypatch):
+    """The background scorer never inherits the training GPUs: cuda:N is GPU N of the node as the launcher lists
+    them, seen by the scorer as its only GPU; cpu hides every GPU."""
+    from pipeline.errors import UserError
+    from pipeline.scorer import check_device, scorer_env
+
+    env, device = scorer_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "RANK": "0", "PATH": "/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "6" and device == "cuda:0" and "RANK" not in env and env["PATH"] == "/bin"
+    env, device = scorer_env("cuda:1", {})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and device == "cuda:0"
+    env, device = scorer_env("cpu", {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and device == "cpu"
+
+    check_device("cpu", on_gpu=False, active=True)
+    check_device("cuda:9", on_gpu=False, active=False)  # not scoring: nothing to check
+    with pytest.raises(UserError, match="trains on CPU"):
+        check_device("cuda:0", on_gpu=False, active=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    check_device("cuda:1", on_gpu=True, active=True)
+    with pytest.raises(UserError, match=r"has 2 GPU\(s\) \(cuda:0..cuda:1\)"):
+        check_device("cuda:2", on_gpu=True, active=True)
