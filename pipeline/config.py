@@ -274,11 +274,13 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", f"must be >= 1; got {value}")
-        _check(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU name); got {self.peak_tflops}")
+        _check(self.peak_tflops >= 0, "train.peak_tflops",
+               f"must be >= 0 (0: from the GPU name); got {self.peak_tflops}")
         for key in ("save_every", "keep_last", "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
         _check_choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
-        _check(self.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0: the full-logits loss); got {self.loss_chunk}")
+        _check(self.loss_chunk >= 0, "train.loss_chunk",
+               f"must be >= 0 (0: the full-logits loss); got {self.loss_chunk}")
         _check(self.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
                f"must be 'skip' or 'stop'; got {self.on_nonfinite!r}")
 
@@ -310,9 +312,9 @@ class MmluEvalConfig:
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
                f"must be a number or 'auto'; got {self.batch_size!r}")
+        plain = "; plain 'cuda' means GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""
         _check(self.device == "cpu" or re.fullmatch(r"cuda:\d+", self.device) is not None, "eval.mmlu.device",
-               f"must be cpu or cuda:N (a GPU index); got {self.device!r}" +
-               ("; plain 'cuda' means GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""))
+               f"must be cpu or cuda:N (a GPU index); got {self.device!r}{plain}")
 
 
 @dataclass

@@ -235,9 +235,9 @@ def gpu_index(local_rank: int, visible: int) -> int:
     if visible == 1:
         return 0
     if local_rank >= visible:
-        raise UserError(f"local rank {local_rank} sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} ranks per node, or "
-                        f"give each rank one GPU")
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise UserError(f"local rank {local_rank} sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES={listed}): start at "
+                        f"most {visible} ranks per node, or give each rank one GPU")
     return local_rank
 
 
@@ -279,6 +279,17 @@ def all_reduce_sum(t):
 
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def exchange(values):
+    """Every rank's 1-D tensor ``values``, stacked in rank order (``[world, len]``), with one all-gather: sums and
+    maxima of several small values then cost one collective."""
+    import torch
+    import torch.distributed as dist
+
+    out = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, values)
+    return torch.stack(out)
 
 
 def on_rank0(fn, rank: int):

@@ -190,21 +190,33 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
         reporter.validation({"step": step, "val_loss": loss, "val_tokens": tokens,
                              "time_s": round(clock_v.elapsed(), 3)})
 
+    def prepare(step: int) -> tuple[list[dict], list[float]]:
+        """This rank's micro-batches of ``step`` and its counts: label tokens (the loss normaliser), non-padding
+        tokens, model and hardware FLOPs."""
+        micro = rank_micro_batches(n, cfg.seed, step, mb, ga, info.rank, world)
+        batches = [collate([samples[i] for i in idx], pad_id) for idx in micro]
+        flops = [batch_flops(fm, b["attention_mask"], checkpointing, b.get("doc_lengths")) for b in batches]
+        return batches, [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+                         sum(int(b["attention_mask"].sum()) for b in batches),
+                         sum(f[0] for f in flops), sum(f[1] for f in flops)]
+
     if val_rows is not None and progress.step == 0:
         validate(0)
+    # The loop's own collectives: one exchange at the end of each step carries the step's loss, memory peak and
+    # stop signal, and the next step's counts (its batches are collated ahead for that). Only the first step of a
+    # start needs an all-reduce of its counts before its backward, and a step that saved asks again for a signal
+    # that came during the save.
+    ahead: tuple[list[dict], list[float]] | None = None
     for step in range(progress.step, cfg.train.max_steps):
         t0 = time.perf_counter()
         done = step + 1
-        micro = rank_micro_batches(n, cfg.seed, step, mb, ga, info.rank, world)
-        batches = [collate([samples[i] for i in idx], pad_id) for idx in micro]
-
-        # One all-reduce for the step's normalisers (label tokens, non-padding tokens) and FLOPs, all ranks.
-        flops = [batch_flops(fm, b["attention_mask"], checkpointing, b.get("doc_lengths")) for b in batches]
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches),
-                               sum(f[0] for f in flops), sum(f[1] for f in flops)], dtype=torch.float64,
-                              device=info.device)
-        label_tokens, tokens, model_flops, hardware_flops = (float(x) for x in dist.all_reduce_sum(counts))
+        if ahead is None:
+            batches, mine = prepare(step)
+            totals = [float(x) for x in dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64,
+                                                                          device=info.device))]
+        else:
+            batches, totals = ahead
+        label_tokens, tokens, model_flops, hardware_flops = totals
         lrs = dist.current_lrs(engine)  # the lrs this step's update will use (the scheduler moves after it)
         skipped_before = engine.skipped_steps
 
@@ -227,7 +239,13 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
             with dist.without_update(engine, enabled=drop):
                 engine.step()  # an optimizer step (and scheduler step) only at the accumulation boundary
             loss_sum += ce.detach().double()
-        loss = float(dist.all_reduce_sum(loss_sum)) / label_tokens  # CPU-GPU sync point
+        next_batches, next_counts = prepare(done) if done < cfg.train.max_steps else ([], [0.0] * 4)
+        peak_mib = meter.peak() // 2 ** 20 if meter else 0
+        rows = dist.exchange(torch.cat([loss_sum.reshape(1), torch.tensor(
+            [peak_mib, stop.signum, *next_counts], dtype=torch.float64, device=info.device)]))  # CPU-GPU sync
+        loss = float(rows[:, 0].sum()) / label_tokens
+        mem_mib, signum = (int(x) for x in rows[:, 1:3].max(dim=0).values)  # the busiest rank's peak so far
+        ahead = (next_batches, [float(x) for x in rows[:, 3:].sum(dim=0)])
         norm = dist.grad_norm(engine, fallback=own_norm)
         ds_skipped = engine.skipped_steps > skipped_before
         if ds_skipped:
@@ -245,7 +263,6 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
         consecutive_bad = consecutive_bad + 1 if bad else 0
 
         progress.step = done
-        mem_mib = dist.max_over_ranks(meter.peak() // 2 ** 20) if meter else 0  # the busiest rank's peak so far
         dt = time.perf_counter() - t0
         reporter.step({
             "step": done,
@@ -279,8 +296,8 @@ def train(engine, samples, cfg: Config, info: dist.DistInfo, reporter: Reporter,
             progress.elapsed_s += clock.lap()
             save(progress)
             saved = True
-        signum = dist.max_over_ranks(stop.signum)  # a signal seen by any rank (even during the save) stops all
-        if signum:
+            signum = dist.max_over_ranks(stop.signum)  # also a signal that came during the save
+        if signum:  # seen by any rank: every rank stops
             if not saved:
                 progress.elapsed_s += clock.lap()
                 save(progress)

@@ -96,8 +96,8 @@ class BackgroundScorer:
         # Not a member of the training's process group: without the launcher's variables, lm-eval's accelerate
         # would try to join it (and fail on the port that is already taken).
         env, device = scorer_env(self.cfg.device, dict(os.environ))
-        self._proc = subprocess.Popen(self.command(device), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env)
+        self._proc = subprocess.Popen(self.command(device), stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=env)
         log.close()  # the child holds its own descriptor
 
     def stop(self) -> None:

@@ -422,7 +422,7 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     total, tokens = 0.0, 0
     for i in range(len(rows)):
-        ids, labels = (torch.as_tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
+        ids, labels = (torch.tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
