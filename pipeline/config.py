@@ -312,7 +312,7 @@ class MmluEvalConfig:
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
                f"must be a number or 'auto'; got {self.batch_size!r}")
-        plain = "; plain 'cuda' means GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""
+        plain = "; plain 'cuda' is GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""
         _check(self.device == "cpu" or re.fullmatch(r"cuda:\d+", self.device) is not None, "eval.mmlu.device",
                f"must be cpu or cuda:N (a GPU index); got {self.device!r}{plain}")
 

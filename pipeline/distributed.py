@@ -529,8 +529,6 @@ def load_universal_state(engine, directory: Path, tag: str, settings: list[dict]
 
     Each group gets back the settings it had after ``deepspeed.initialize``, and each Adam state its own step.
     """
-    import torch
-
     load_engine_state(engine, directory, tag)
     for group, saved in zip(optimizer_param_groups(engine), settings):
         group.update(json.loads(json.dumps(saved)))
