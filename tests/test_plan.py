@@ -118,8 +118,12 @@ def test_plan_predicts_measured_memory(tmp_path_factory, models, key):
 # The plan itself (no launcher)
 
 
-def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_dir):
-    """The meta-device count is what autograd really keeps: same model, real tensors, storages counted once."""
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_dir, loss_chunk):
+    """The meta-device count is what autograd really keeps: same model, real tensors, storages counted once; with
+    the full-logits loss and with the chunked one (the model's last-position logits, the loss from the hidden
+    states)."""
+    from pipeline.loss import token_loss_sum
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import LoraConfig
@@ -127,7 +131,7 @@ def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_d
     from pipeline.plan import _fused_attention, count_activations, meta_model
 
     cfg = make_config(None, [f"model.name_or_path={tiny_model_dir}"])
-    counted = count_activations(meta_model(cfg, torch.float32), micro_batch=2, seq_len=64)
+    counted = count_activations(meta_model(cfg, torch.float32), micro_batch=2, seq_len=64, loss_chunk=loss_chunk)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.requires_grad_(False)
@@ -143,9 +147,16 @@ def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_d
 
     ids = torch.randint(0, 500, (2, 64))
     mask = torch.zeros(2, 1, 64, 64)
+    kept = {}
+    model.get_base_model().get_decoder().register_forward_hook(lambda m, a, out: kept.update(h=out[0]))
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if loss_chunk:  # as pipeline.loop.LossHead does it
+            last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            head = model.get_base_model().get_output_embeddings()
+            token_loss_sum(kept["h"], ids, head.weight, head.bias, loss_chunk) + last.float().sum() * 0.0
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     assert counted.saved == pytest.approx(sum(storages.values()), rel=0.02)
     assert counted.total(checkpointing=True) < counted.total(checkpointing=False)
 
