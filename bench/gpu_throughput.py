@@ -40,7 +40,9 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.flops import PEAK_TFLOPS  # noqa: E402
 
-SIDES = {"ours": REPO / "launch" / "train.py", "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
+# ours: the default chunked loss (train.loss_chunk); ours-full: the same with the full-logits loss (loss_chunk=0).
+SIDES = {"ours": REPO / "launch" / "train.py", "ours-full": REPO / "launch" / "train.py",
+         "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
 RESULTS = REPO / "bench" / "results" / "gpu_throughput"
 # --smoke: a shape small enough for CPU ranks (the recipe's other settings stay).
 SMOKE_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -72,10 +74,12 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
             "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false"]
     if args.smoke:
         over += [f"model.shape.{k}={v}" for k, v in SMOKE_SHAPE.items()]
+    if side == "ours-full":
+        over.append("train.loss_chunk=0")
     cmd = ["deepspeed", "--num_gpus", str(args.nprocs), "--master_port", str(random.randint(20000, 40000)),
            str(SIDES[side]), "--config", str(args.recipe), "--deepspeed_config",
            f"deepspeed_configs/zero{conf['zero']}.json", *over]
-    if side == "ours":
+    if side != "baseline":
         cmd.append("--overwrite")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
@@ -98,7 +102,7 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
         rc = None
     row = {**conf, "side": side, "date": date.today().isoformat(), "device": args.device, "steps": args.steps,
            "warmup": args.warmup, "launch_s": round(time.time() - started, 1), "smoke": args.smoke}
-    metrics = out / ("metrics.jsonl" if side == "ours" else "baseline_metrics.jsonl")
+    metrics = out / ("baseline_metrics.jsonl" if side == "baseline" else "metrics.jsonl")
     done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     if rc != 0 and done == args.steps and ABORT_AT_EXIT in text:
         # Every step done and recorded, then the process aborted on its way out (seen about once in 60 CPU runs;
@@ -112,7 +116,7 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
         return {**row, "status": "oom" if oom else ("timeout" if rc is None else "failed"),
                 "detail": "" if oom else text[-1500:]}
     # Both sides time a step the same way: from the end of the previous step to the end of this one.
-    if side == "ours":
+    if side != "baseline":
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         # The loop's own mfu times the step alone; FLOPs per step = mfu x peak x ranks x that time.
         flops = [r["mfu"] * args.peak * 1e12 * args.nprocs * r["tokens"] / r["tokens_per_s"] if r.get("mfu") else None

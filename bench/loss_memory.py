@@ -6,7 +6,7 @@ full-logits loss (``train.loss_chunk=0``), same run otherwise.
 
 The shape of issue 13: a 2-layer width-64 Llama with Llama-3's 128,256-token vocabulary (``model.random_init``),
 4 packed rows of 1024 tokens a step, one process, ZeRO-2. Cases: the bundled instruction data in fp32 and in bf16
-(15% of its tokens carry loss: the chunked loss computes logits for those only), and the same text with every
+(19% of its packed tokens carry loss: the chunked loss computes logits for those only), and the same text with every
 token labelled (``data.format=text``, fp32: the chunks then cover every position). Per run: ``mem_peak_gb`` (the
 training peak the loop records, ``pipeline/memory.py``), the losses, and the step time. The model is tiny so that
 nearly all of the peak is the loss. Results: ``bench/results/loss_memory.json`` and ``.md``, quoted in

@@ -58,7 +58,8 @@ def test_overhead_quick_same_math_as_the_hf_trainer(tmp_path):
 def test_gpu_throughput_smoke_runs_on_cpu(tmp_path):
     """The GPU bench's machinery (launch, parse, table) on a small shape on a CPU rank, both sides."""
     out = tmp_path / "gpu_throughput"
-    bench("gpu_throughput.py", "--smoke", "--zero", "3", "--ckpt", "on", "--mb", "2", "--out", str(out))
+    bench("gpu_throughput.py", "--smoke", "--zero", "3", "--ckpt", "on", "--mb", "2", "--sides", "ours", "baseline",
+          "--out", str(out))
     rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
     assert [(r["side"], r["status"]) for r in rows] == [("ours", "ok"), ("baseline", "ok")], \
         "\n".join(f"{r['side']}: {r['status']}\n{r.get('detail', '')}" for r in rows)
