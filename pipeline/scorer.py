@@ -48,12 +48,17 @@ def node_gpus() -> list[str]:
     """The node's GPUs as the launcher gave them to this process: ``CUDA_VISIBLE_DEVICES`` entries, else ``0..n-1``.
     The deepspeed launcher sets the variable to the node's whole list for every rank (ranks pick theirs by
     ``LOCAL_RANK``)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip()]
+    listed = _listed(os.environ)
+    if listed is not None:
+        return listed
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _listed(env) -> list[str] | None:
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [d.strip() for d in value.split(",") if d.strip()]
 
 
 def scorer_env(device: str, env: dict[str, str]) -> tuple[dict[str, str], str]:
@@ -63,9 +68,7 @@ def scorer_env(device: str, env: dict[str, str]) -> tuple[dict[str, str], str]:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         return env, "cpu"
-    n = int(device.split(":")[1])
-    listed = env.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed is not None else None
+    n, ids = int(device.split(":")[1]), _listed(env)
     env["CUDA_VISIBLE_DEVICES"] = ids[n] if ids is not None and n < len(ids) else str(n)
     return env, "cuda:0"
 

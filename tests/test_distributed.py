@@ -479,3 +479,31 @@ def test_universal_load_gives_each_adam_step_its_own_tensor_on_the_right_device(
         assert all(s.dtype == torch.float32 and s.device.type == ("meta" if fused else "cpu") for s in steps)
         if not fused:
             assert [float(s) for s in steps] == [5.0, 5.0]
+
+
+def test_gpu_ranks_share_the_host_cores_and_pick_their_gpu(monkeypatch):
+    """init() on a GPU node, with CUDA and the process group stubbed: each rank still takes cores / ranks host
+    threads (DeepSpeedCPUAdam steps on them under optimizer offload, through torch's OpenMP runtime), and its GPU
+    by LOCAL_RANK among those it sees."""
+    import deepspeed
+    import torch.distributed
+
+    from pipeline import distributed as dist
+
+    picked = []
+    monkeypatch.setattr(dist, "select_accelerator", lambda: True)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    before = torch.get_num_threads()
+    try:
+        info = dist.init()
+        assert torch.get_num_threads() == dist.cpu_threads_per_rank() == max(1, len(os.sched_getaffinity(0)) // 2)
+    finally:
+        torch.set_num_threads(before)
+    assert info.on_gpu and info.device == torch.device("cuda", 1) and picked == [torch.device("cuda", 1)]
