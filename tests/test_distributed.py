@@ -214,8 +214,8 @@ def _resume(runs_root: Path, tmp_path: Path, stage: str, nprocs: int, *extra: st
 
 
 def test_bf16_exact_resume_zero1(runs_root, tmp_path):
-    """ZeRO-1 in bf16 is DeepSpeed's BF16_Optimizer (fp32 accumulation): stopped after step 3 and resumed on the
-    same 2 ranks, steps 4-6 repeat the uninterrupted run's losses exactly."""
+    """ZeRO-1 in bf16 is DeepSpeed's BF16_Optimizer (fp32 accumulation): resumed from its step-3 checkpoint on the
+    same 2 ranks (a copy of the run without step 6), steps 4-6 repeat the uninterrupted run's losses exactly."""
     rows, ref, _ = _resume(runs_root, tmp_path, "zero1", 2)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], abs=1e-6)
