@@ -158,8 +158,8 @@ def assemble_ds_config(ds: dict, cfg: Config, world_size: int, precision: str) -
     (``data_types.grad_accum_dtype``, ``communication_data_type``). DeepSpeed's defaults are the model dtype for
     both: summing 8 micro-batches of LoRA gradients in bf16 was off by 4e-3 (relative), and ZeRO-1's
     ``BF16_Optimizer``, which the fp32 accumulation selects, still rounds the accumulated sum to bf16 when it
-    all-reduces it (1.8e-3, even on one rank); in fp32 both are exact (``tests/test_bf16.py``). LoRA gradients are
-    small, so the doubled gradient traffic is too.
+    all-reduces it (1.8e-3, even on one rank); in fp32 both are exact (``tests/grad_accum_probe.py``). LoRA
+    gradients are small, so the doubled gradient traffic is too.
     """
     out = json.loads(json.dumps(ds))  # deep copy
     out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
