@@ -1,5 +1,6 @@
 """Run by ``tests/test_distributed.py::test_bf16_gradients_accumulate_exactly`` as one process (a world of one):
-how exactly DeepSpeed accumulates LoRA gradients over 8 micro-batches in bf16, under the DeepSpeed configs ``launch/train.py`` would hand it.
+how exactly DeepSpeed accumulates LoRA gradients over 8 micro-batches in bf16, under the DeepSpeed configs
+``launch/train.py`` would hand it.
 
 For each case, the engine's accumulated gradient at the boundary (``deepspeed.utils.safe_get_full_grad``, before
 the step) is compared with the reference: each micro-batch's gradient as the same stage computes it (an engine
