@@ -36,6 +36,13 @@ pipeline)
     if python3 -c "import flash_attn" 2>/dev/null; then
         tiny z2-fa2-packed model.attn_implementation=flash_attention_2 data.packing=true train.seq_len=512 \
             eval.mmlu.every_checkpoint=false
+        # the one test CI skips: each packed document's loss alone under flash-attention (tests/test_prepared.py)
+        if python3 -c "import pytest" 2>/dev/null; then
+            timeout 240 python3 -m pytest -q -m gpu tests/test_prepared.py >"$out/pytest-gpu.log" 2>&1
+            echo "pytest -m gpu: exit $? ($(tail -n 1 "$out/pytest-gpu.log"))"
+        else
+            echo "pytest is not installed here: the gpu-marked test did not run"
+        fi
     else
         echo "flash_attn is not installed here: no flash_attention_2 run"
     fi
