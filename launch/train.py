@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import checkpoint, loraplus, resume, scorer, tiny  # noqa: E402
+from pipeline import checkpoint, loraplus, resume, scorer, tiny, watchdog  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv=None) -> None:
 
         mmlu.resolve(cfg.eval.mmlu.data, cfg.eval.mmlu.num_fewshot, tiny.cache_dir())
     continuing = checkpoint.holds_run(output_dir) and not args.overwrite
+    peer_timeout = watchdog.timeout_from_env()
     if continuing:
         resume.check_same_experiment(output_dir, cfg)
 
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     # 3. Distributed set-up; output_dir is only probed.
     dist.set_single_process_defaults()
     info = dist.init()
+    watch = watchdog.PeerWatch.from_env(info.rank, info.world_size, peer_timeout).start()  # a dead rank ends all
     log = Reporter(info.rank, output_dir / "metrics.jsonl", cfg.train.max_steps)
     checkpoint.probe_output_dir(output_dir, info.rank)  # fail now, not after loading a 70B model
     point = None
@@ -112,6 +114,7 @@ def main(argv=None) -> None:
         if point.step >= cfg.train.max_steps:
             log.print(f"nothing to do: {output_dir} is at step {point.step} of train.max_steps={cfg.train.max_steps}; "
                       f"raise train.max_steps to train further")
+            watch.leave()
             return
         if point.directory is None:
             log.print(f"{output_dir} holds a run without a complete checkpoint: starting it from step 0")
@@ -185,6 +188,7 @@ def main(argv=None) -> None:
     except BaseException:
         mmlu_scorer.stop()
         raise
+    watch.leave()  # the others may end now; rank 0 may still score below
     if signum:
         mmlu_scorer.stop()
         log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "

@@ -44,6 +44,22 @@ def exit_on_user_error(main):
             code = e.exit_code
         except SystemExit as e:
             code = e.code
+        except Exception as e:  # noqa: BLE001
+            if not lost_peer(e):
+                raise
+            # Not a bug of ours: another rank died (its node's launcher ends the rest there) and this one's
+            # collective failed. One line, and no process-group teardown, which can hang on a dead peer.
+            from pipeline.watchdog import EXIT_PEER_LOST
+
+            import re
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # gloo's "[.../pair.cc:537] "
+            print(f"error: rank {os.environ.get('RANK', '0')}: a collective failed because another rank is gone "
+                  f"({first[:300]}); ending this rank (exit {EXIT_PEER_LOST}); the job resumes from its newest "
+                  f"checkpoint when it is started again", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_PEER_LOST)
         finally:
             distributed = _leave_process_group()
         if isinstance(code, str):  # sys.exit("message"): printed, status 1, as Python does
@@ -62,6 +78,18 @@ def exit_on_user_error(main):
         return result
 
     return wrapper
+
+
+#: What torch.distributed's backends say when a peer process died or its connection broke mid-collective.
+LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                     "ncclRemoteError", "NCCL communicator was aborted", "remote process exited")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether an exception from the training stack means a peer rank is gone (and not a bug here)."""
+    if type(e).__name__ in ("DistBackendError", "DistNetworkError"):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in LOST_PEER_MARKERS)
 
 
 def _leave_process_group() -> bool:

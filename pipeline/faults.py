@@ -1,7 +1,7 @@
 """Fault injection for the test-suite. Every hook is inert unless ``LORAPLUS_FAULT`` is set.
 
-``LORAPLUS_FAULT`` holds ``kind@step[,step...]`` entries separated by ``;``, for instance
-``nonfinite@3,4`` or ``save-kill@6``. The kinds:
+``LORAPLUS_FAULT`` holds ``kind@step[,step...][/rank]`` entries separated by ``;``, for instance
+``nonfinite@3,4``, ``save-kill@6`` or ``kill@5/1``; the rank is 0 unless given. The kinds:
 
 - ``nonfinite``: rank 0's loss at these steps becomes NaN (before backward), as a diverging batch would.
 - ``save-kill``: rank 0 is SIGKILLed in the middle of saving this step's checkpoint (after DeepSpeed wrote its
@@ -10,6 +10,13 @@
   (on rank 0 alone, the case where the other ranks must not be left waiting).
 - ``sigterm``: rank 0 sends itself SIGTERM in the middle of this step, as ``scancel`` or a preemption would
   (at a known step, so a test can compare with an uninterrupted run).
+- ``kill``: the rank is SIGKILLed in the middle of this step, as the out-of-memory killer or a segfault would.
+- ``freeze``: the rank stops (SIGSTOP) in the middle of this step, every thread of it: as a node that vanished
+  without closing its connections looks to the others (until SIGCONT).
+
+With ``LORAPLUS_FAULT_ONCE=DIR`` a fault fires once only, in whichever start of the run reaches it first: a file
+``DIR/<kind>@<step>-rank<rank>`` records that it did (and, in its content, when: ``time.time()``), so a restarted
+run passes the same step. Without it a fault fires at every start, as a crash that is in the data or the code would.
 
 Real faults cannot be timed in a test; these reproduce their effect at the one point that matters.
 """
@@ -19,31 +26,50 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 
-def _steps(kind: str) -> set[int]:
+def _fires(kind: str, step: int, rank: int) -> bool:
     spec = os.environ.get("LORAPLUS_FAULT", "")
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
-        name, _, steps = entry.partition("@")
-        if name == kind:
-            return {int(s) for s in steps.split(",") if s}
-    return set()
+        name, _, where = entry.partition("@")
+        steps, _, at_rank = where.partition("/")
+        if name == kind and step in {int(s) for s in steps.split(",") if s} and rank == int(at_rank or 0):
+            return _first_time(f"{kind}@{step}-rank{rank}")
+    return False
+
+
+def _first_time(name: str) -> bool:
+    once = os.environ.get("LORAPLUS_FAULT_ONCE")
+    if not once:
+        return True
+    try:
+        fd = os.open(os.path.join(once, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{time.time():.3f}\n")
+    return True
 
 
 def nonfinite(step: int, rank: int) -> bool:
-    return rank == 0 and step in _steps("nonfinite")
+    return _fires("nonfinite", step, rank)
 
 
 def during_step(step: int, rank: int) -> None:
-    if rank == 0 and step in _steps("sigterm"):
+    if _fires("sigterm", step, rank):
         os.kill(os.getpid(), signal.SIGTERM)
+    if _fires("kill", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _fires("freeze", step, rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def before_write(step: int, rank: int) -> None:
-    if rank == 0 and step in _steps("save-enospc"):
+    if _fires("save-enospc", step, rank):
         raise OSError(errno.ENOSPC, "No space left on device (injected by LORAPLUS_FAULT)")
 
 
 def during_save(step: int, rank: int) -> None:
-    if rank == 0 and step in _steps("save-kill"):
+    if _fires("save-kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
