@@ -16,13 +16,23 @@
 #                  With --no_ssh the host names are only labels: nothing connects to them.
 #
 # Arguments are launch/train.py's. They are used as given, in the current directory (relative paths in them mean
-# what they mean here); the script finds launch/train.py from its own location.
+# what they mean here); the script finds launch/train.py from its own location. One is node.sh's own:
+#   --max-restarts N  after a crash, start the training again, up to N times (default LORAPLUS_MAX_RESTARTS, else
+#                     0): it resumes from the newest complete checkpoint. Run every node with the same N: a crash
+#                     anywhere ends every node's ranks (LORAPLUS_PEER_TIMEOUT, see pipeline/watchdog.py), so each
+#                     node restarts once per crash, and restart K meets at MASTER_PORT + K (a fresh rendezvous: the
+#                     old one may still be up while the last ranks end). Not restarted: a finished run (0), bad
+#                     input (2), a stop by a signal (128 + N); at the cap one line says so (the crash's status). Under
+#                     SLURM, slurm.sbatch requeues the job instead (fresh nodes) and runs node.sh without it.
 #
 # What it runs:
 #   deepspeed --no_ssh --node_rank K --num_nodes N --master_addr A --master_port P --hostfile H --num_gpus G \
 #       launch/train.py ARGS...
 # The global rank of local rank L is K * GPUS_PER_NODE + L; rank 0 (on node 0) writes metrics.jsonl and seals the
 # checkpoints, and output_dir must be on a filesystem every node shares.
+#
+# Exit status: 0 done, 2 bad input, 143 stopped by SIGTERM after a checkpoint (130 SIGINT); anything else a crash
+# (75: this node's ranks ended because a rank elsewhere died; 247: a rank was SIGKILLed, as by the OOM killer).
 #
 # Signals: SIGTERM or SIGINT to this script is passed to the whole DeepSpeed process tree (the `deepspeed` runner
 # does not forward signals to its ranks when it runs one node), every rank finishes its step and saves a
@@ -39,6 +49,22 @@ die() {
 }
 
 in_range() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= $2 && 10#$1 <= $3)); } # VALUE MIN MAX, a decimal integer
+
+max_restarts=${LORAPLUS_MAX_RESTARTS:-0}
+args=()
+while (($#)); do
+    case $1 in
+    --max-restarts) (($# >= 2)) || die "--max-restarts needs a number (restarts after a crash, e.g. 3)"
+        max_restarts=$2
+        shift 2 ;;
+    --max-restarts=*) max_restarts=${1#*=}
+        shift ;;
+    *) args+=("$1")
+        shift ;;
+    esac
+done
+in_range "$max_restarts" 0 1000 || die "--max-restarts (or LORAPLUS_MAX_RESTARTS) $max_restarts is not 0 .. 1000"
+max_restarts=$((10#$max_restarts))
 
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P) || die "cannot resolve the script's directory"
 train="$(dirname -- "$here")/launch/train.py"
@@ -90,13 +116,28 @@ else
     hostfile=$tmp_hostfile
 fi
 
-cmd=(deepspeed --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR"
-    --master_port "$MASTER_PORT" --hostfile "$hostfile")
-# A HOSTFILE's slot counts rule (--num_gpus would override every node's); else GPUS_PER_NODE is the count.
-[[ -n ${HOSTFILE:-} || -z ${GPUS_PER_NODE:-} ]] || cmd+=(--num_gpus "$GPUS_PER_NODE")
-cmd+=("$train" "$@")
 echo "node.sh: node $NODE_RANK of $NNODES, ${GPUS_PER_NODE:-hostfile} rank(s) per node," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+
+group_alive() { # any process of the group left that is not a zombie (the runner's children are orphans now)
+    if command -v ps >/dev/null 2>&1; then
+        ps -A -o pgid= -o stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+    else
+        kill -0 -- "-$1" 2>/dev/null
+    fi
+}
+wait_group_gone() { # GROUP SECONDS: wait for the group's last process, SIGKILL what is left after SECONDS
+    local waited=0
+    while group_alive "$1"; do
+        if ((waited >= $2 * 10)); then
+            echo "node.sh: processes left $2 s after $3; killing them" >&2
+            kill -s KILL -- "-$1" 2>/dev/null || true
+            return
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
 
 # The DeepSpeed tree runs in a process group of its own (job control on), so a signal can reach all of it.
 stop_signal=
@@ -109,40 +150,45 @@ forward() {
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 
-set -m
-"${cmd[@]}" &
-group=$!
-set +m
-[[ -z $stop_signal ]] || kill -s "$stop_signal" -- "-$group" 2>/dev/null || true # signalled while starting
-
-status=0
+restarts=0
 while :; do
-    wait "$group"
-    status=$?
-    kill -0 "$group" 2>/dev/null || break # else the wait was cut short by a trapped signal: wait on
-done
+    port=$((MASTER_PORT + restarts))
+    cmd=(deepspeed --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR"
+        --master_port "$port" --hostfile "$hostfile")
+    # A HOSTFILE's slot counts rule (--num_gpus would override every node's); else GPUS_PER_NODE is the count.
+    [[ -n ${HOSTFILE:-} || -z ${GPUS_PER_NODE:-} ]] || cmd+=(--num_gpus "$GPUS_PER_NODE")
+    cmd+=("$train" ${args[@]+"${args[@]}"})
 
-group_alive() { # any process of the group left that is not a zombie (the runner's children are orphans now)
-    if command -v ps >/dev/null 2>&1; then
-        ps -A -o pgid= -o stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
-    else
-        kill -0 -- "-$1" 2>/dev/null
-    fi
-}
+    set -m
+    "${cmd[@]}" &
+    group=$!
+    set +m
+    [[ -z $stop_signal ]] || kill -s "$stop_signal" -- "-$group" 2>/dev/null || true # signalled while starting
 
-if [[ -n $stop_signal ]]; then
-    # The runner dies at once on a signal; the DeepSpeed launcher and the ranks finish the step and save (the
-    # launcher SIGKILLs ranks that are not done 30 s after its signal). Wait for all of them, and make sure.
-    waited=0
-    while group_alive "$group"; do
-        if ((waited >= 1200)); then # 120 s
-            echo "node.sh: processes left 120 s after $stop_signal; killing them" >&2
-            kill -s KILL -- "-$group" 2>/dev/null || true
-            break
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
+    status=0
+    while :; do
+        wait "$group"
+        status=$?
+        kill -0 "$group" 2>/dev/null || break # else the wait was cut short by a trapped signal: wait on
     done
-    exit $((128 + $(kill -l "$stop_signal")))
-fi
-exit "$status"
+
+    if [[ -n $stop_signal ]]; then
+        # The runner dies at once on a signal; the DeepSpeed launcher and the ranks finish the step and save (the
+        # launcher SIGKILLs ranks that are not done 30 s after its signal). Wait for all of them, and make sure.
+        wait_group_gone "$group" 120 "$stop_signal"
+        exit $((128 + $(kill -l "$stop_signal")))
+    fi
+    case $status in
+    0 | 2 | 130 | 143) exit "$status" ;; # done, bad input, stopped by a signal (after a checkpoint)
+    esac
+    wait_group_gone "$group" 60 "the crash" # a frozen rank outlives its launcher
+    if ((restarts >= max_restarts)); then
+        ((max_restarts == 0)) || echo "node.sh: error: node $NODE_RANK: the training failed again (exit status" \
+            "$status); $restarts of $max_restarts restart(s) used (--max-restarts); not restarting; the ranks'" \
+            "output is above, metrics in output_dir/metrics.jsonl" >&2
+        exit "$status"
+    fi
+    restarts=$((restarts + 1))
+    echo "node.sh: node $NODE_RANK: the training failed (exit status $status); restart $restarts of" \
+        "$max_restarts, from the newest checkpoint, rendezvous $MASTER_ADDR:$((MASTER_PORT + restarts))" >&2
+done

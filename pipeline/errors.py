@@ -49,15 +49,22 @@ def exit_on_user_error(main):
                 raise
             # Not a bug of ours: another rank died (its node's launcher ends the rest there) and this one's
             # collective failed. One line, and no process-group teardown, which can hang on a dead peer.
-            from pipeline.watchdog import EXIT_PEER_LOST
-
             import re
 
+            from pipeline.watchdog import EXIT_PEER_LOST
+
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # gloo's "[.../pair.cc:537] "
-            print(f"error: rank {os.environ.get('RANK', '0')}: a collective failed because another rank is gone "
-                  f"({first[:300]}); ending this rank (exit {EXIT_PEER_LOST}); the job resumes from its newest "
-                  f"checkpoint when it is started again", file=sys.stderr, flush=True)
+            first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)[:300]  # gloo's "[.../pair.cc:537] "
+            rank = os.environ.get("RANK", "0")
+            dist = sys.modules.get("torch.distributed")
+            if dist is not None and dist.is_available() and dist.is_initialized():
+                what = f"a collective failed because another rank is gone ({first})"
+            else:
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                what = (f"the rendezvous at {where} failed ({first}): check MASTER_ADDR and MASTER_PORT, that node 0 "
+                        f"is up, and that every node was started")
+            print(f"error: rank {rank}: {what}; ending this rank (exit {EXIT_PEER_LOST}); the job resumes from its "
+                  f"newest checkpoint when it is started again", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(EXIT_PEER_LOST)
         finally:

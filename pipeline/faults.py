@@ -15,8 +15,9 @@
   without closing its connections looks to the others (until SIGCONT).
 
 With ``LORAPLUS_FAULT_ONCE=DIR`` a fault fires once only, in whichever start of the run reaches it first: a file
-``DIR/<kind>@<step>-rank<rank>`` records that it did (and, in its content, when: ``time.time()``), so a restarted
-run passes the same step. Without it a fault fires at every start, as a crash that is in the data or the code would.
+``DIR/<kind>@<step>-rank<rank>`` records that it did (and, in its content, when and where: ``time.time()`` and
+the pid), so a restarted run passes the same step. Without it a fault fires at every start, as a crash that is in
+the data or the code would.
 
 Real faults cannot be timed in a test; these reproduce their effect at the one point that matters.
 """
@@ -48,7 +49,7 @@ def _first_time(name: str) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        f.write(f"{time.time():.3f}\n")
+        f.write(f"{time.time():.3f} {os.getpid()}\n")
     return True
 
 

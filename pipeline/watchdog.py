@@ -150,8 +150,10 @@ class PeerWatch:
         self._end(f"{note}; ending {self.describe(self.rank)}")
 
     def _where(self, rank: int) -> str:
-        try:
-            return f"{self.describe(rank)} (on {self._store.get(f'{PREFIX}host/{rank}').decode()})"
+        key = f"{PREFIX}host/{rank}"
+        try:  # a rank that never started its watch has no host here (and get() would wait for one)
+            return f"{self.describe(rank)} (on {self._store.get(key).decode()})" if self._store.check([key]) \
+                else self.describe(rank)
         except Exception:  # noqa: BLE001
             return self.describe(rank)
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +130,7 @@ class Slurm:
         self.conf.write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, n1_port=n1_port, n2_port=n2_port))
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
 
     def start(self) -> "Slurm":
         ensure_hosts(NODES)
@@ -147,6 +149,18 @@ class Slurm:
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, start_new_session=True))
 
+    def release_requeued(self) -> None:
+        """SLURM holds a requeued job for 120 s (its BeginTime) before it may start again. From now on, a thread
+        lets each one start at once, as an administrator may (``scontrol update JobId=N StartTime=now``)."""
+        def loop():
+            while not self._stopping.wait(0.5):
+                pending = self.run("squeue", "-h", "-t", "PD", "-o", "%i %r", check=False).stdout.split("\n")
+                for job_id, _, reason in (line.partition(" ") for line in pending if line.strip()):
+                    if reason.strip() == "BeginTime":
+                        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
+        threading.Thread(target=loop, name="slurm-release", daemon=True).start()
+
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
@@ -161,6 +175,7 @@ class Slurm:
         return fields
 
     def stop(self) -> None:
+        self._stopping.set()
         subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, check=False)
         for p in reversed(self.procs):
             if p.poll() is None:
