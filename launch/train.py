@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import checkpoint, loraplus, resume, scorer, tiny, watchdog  # noqa: E402
+from pipeline import checkpoint, loraplus, preempt, resume, scorer, tiny, watchdog  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
@@ -39,6 +39,7 @@ def parse_args(argv):
 def main(argv=None) -> None:
     # 1. What a user can get wrong in the recipe, JSON, paths and output_dir is checked before DeepSpeed is
     #    imported or a process group exists.
+    preempt.exit_at_once()  # a signal before the first step: exit 128 + signal (the loop saves from then on)
     args = parse_args(argv)
     cfg = make_config(args.config, args.overrides, args.deepspeed_config)
     ds_path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")

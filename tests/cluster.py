@@ -149,15 +149,22 @@ class Slurm:
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, start_new_session=True))
 
-    def release_requeued(self) -> None:
+    def release_requeued(self, after: float = 5.0) -> None:
         """SLURM holds a requeued job for 120 s (its BeginTime) before it may start again. From now on, a thread
-        lets each one start at once, as an administrator may (``scontrol update JobId=N StartTime=now``)."""
+        lets each one start ``after`` seconds into that hold, as an administrator may (``scontrol update JobId=N
+        StartTime=now``). Not at once: a job started in the second of its requeue finds its new credential revoked
+        with the old one ("Killing non-startable batch job: Job credential revoked") and fails."""
         def loop():
+            held_since: dict[str, float] = {}
             while not self._stopping.wait(0.5):
                 pending = self.run("squeue", "-h", "-t", "PD", "-o", "%i %r", check=False).stdout.split("\n")
                 for job_id, _, reason in (line.partition(" ") for line in pending if line.strip()):
-                    if reason.strip() == "BeginTime":
+                    if reason.strip() != "BeginTime":
+                        continue
+                    since = held_since.setdefault(job_id, time.monotonic())
+                    if time.monotonic() - since >= after:
                         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                        del held_since[job_id]
 
         threading.Thread(target=loop, name="slurm-release", daemon=True).start()
 

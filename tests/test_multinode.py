@@ -430,7 +430,7 @@ def test_slurm_bad_input_fails_once_and_is_not_requeued(slurm, tmp_path):
     info = wait_job(slurm, job_id, out, timeout=180)
     log = job_log(tmp_path, job_id)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, log)
-    assert "error: train.max_steps" in log and "Traceback" not in log, log
+    assert "error: config key 'train.max_steps' must be >= 1; got -3" in log and "Traceback" not in log, log
     assert "node 0 (n1): exit status 2" in log and "not requeued" in log, log
     assert not out.exists()
 

@@ -1,5 +1,5 @@
 """The signal handler itself, in-process: the first signal is a request, a repeat within the launcher's
-forwarding window is the same request, a later one aborts."""
+forwarding window is the same request, a later one aborts; and before the loop, a signal exits at once."""
 
 from __future__ import annotations
 
@@ -26,3 +26,26 @@ def test_first_signal_asks_a_repeat_is_ignored_a_later_one_aborts(monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)  # a real second request: abort at once
         assert exits == [128 + signal.SIGINT]
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after training
+
+
+def test_a_signal_before_the_first_step_exits_at_once_as_a_stop(tmp_path):
+    """SIGTERM while the run is still starting (here: after the data, before the model): status 143 at once, so a
+    batch script reads a stop, not a crash; nothing is left half-written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TRAIN
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), f"output_dir={out}", "eval.mmlu.every_checkpoint=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in proc.stdout:
+        if line.startswith("data: "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rc = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert rc == 143, stderr
+    assert "received SIGTERM before the first step: nothing to save; exiting" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "checkpoints").exists()
