@@ -11,6 +11,8 @@
 - ``sigterm``: rank 0 sends itself SIGTERM in the middle of this step, as ``scancel`` or a preemption would
   (at a known step, so a test can compare with an uninterrupted run).
 - ``kill``: the rank is SIGKILLed in the middle of this step, as the out-of-memory killer or a segfault would.
+- ``slow``: the rank sleeps 2 s in this step (the others wait for it), so a test can act while a run is at a
+  known step however fast the machine is.
 - ``freeze``: the rank stops (SIGSTOP) in the middle of this step, every thread of it: as a node that vanished
   without closing its connections looks to the others (until SIGCONT).
 
@@ -62,6 +64,8 @@ def during_step(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     if _fires("kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _fires("slow", step, rank):
+        time.sleep(2.0)
     if _fires("freeze", step, rank):
         os.kill(os.getpid(), signal.SIGSTOP)
 

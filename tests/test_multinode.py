@@ -414,7 +414,7 @@ def test_slurm_combines_the_node_statuses(slurm, fake_deepspeed, tmp_path, codes
     if state == "FAILED" and exit_code == "1:0":
         assert info["Restarts"] == "1" and f"log: {tmp_path}/job-{job_id}.out" in log, log
     else:
-        assert info["Restarts"] == "0" and "requeue" not in log, log
+        assert info["Restarts"] == "0" and "requeued job" not in log, log
     # What each node ran: the same arguments, its own node rank, the first host as master, the job's port.
     for node in (0, 1):
         argv = json.loads((ds_dir / f"ds-{node}.json").read_text())["argv"]
@@ -452,15 +452,16 @@ def test_hostfile_over_ssh_trains_pdsh_stops_it_with_a_checkpoint_and_it_resumes
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in hosts))
     ds_env = tmp_path / "deepspeed_env"  # what .deepspeed_env would hold: ssh gives the ranks a fresh environment
-    ds_env.write_text(f"DS_ACCELERATOR=cpu\nLORAPLUS_CACHE={os.environ['LORAPLUS_CACHE']}\nOMP_NUM_THREADS=1\n"
-                      f"TOKENIZERS_PARALLELISM=false\n")
+    base_env = (f"DS_ACCELERATOR=cpu\nLORAPLUS_CACHE={os.environ['LORAPLUS_CACHE']}\nOMP_NUM_THREADS=1\n"
+                f"TOKENIZERS_PARALLELISM=false\n")
+    ds_env.write_text(base_env + "LORAPLUS_FAULT=slow@2,3,4,5\n")  # 2 s per step: the stop lands mid-run
     out = tmp_path / "run"
     cmd = ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(TRAIN), f"output_dir={out}", *COMMON, *ZERO3, "eval.mmlu.every_checkpoint=false"]
     env = clean_env(DS_ENV_FILE=str(ds_env))
     job = Job(cmd, env, REPO, tmp_path / "start1.log")
     try:
-        wait_until("step 2", lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2, 300, job)
+        wait_until("step 1", lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 1, 300, job)
         stop = subprocess.run(["pdsh", "-R", "ssh", "-w", ",".join(hosts),
                                "pkill -TERM -u $USER -f '[t]rain.py --local_rank'"],
                               capture_output=True, text=True, timeout=60, check=False)  # the README's command
@@ -474,6 +475,7 @@ def test_hostfile_over_ssh_trains_pdsh_stops_it_with_a_checkpoint_and_it_resumes
     assert stopped < STEPS and f"stopped by SIGTERM after step {stopped}" in log, log[-6000:]
     assert f"Running on the following workers: {','.join(hosts)}" in log, log[-3000:]
 
+    ds_env.write_text(base_env)
     rc, log = run_job(cmd, env, REPO, tmp_path / "start2.log")  # the same command again resumes it
     assert rc == 0 and f"resumed from step-{stopped}" in log, log[-6000:]
     diff = max_loss_diff(read_metrics(out), read_metrics(zero_run(runs_root, "zero3")[0]))
