@@ -17,7 +17,8 @@ from tests.conftest import REPO
 def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, f"bench/{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"bench/{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     return proc
 
 

@@ -1,5 +1,10 @@
 """MMLU scoring with lm-evaluation-harness, offline, on the bundled sample: parity with lm-eval's own CLI,
-adapter vs merged model, the watcher (3 checkpoints, restart), scoring during training, and bad input."""
+adapter vs merged model, the watcher (restart, a scorer stopped half-way), scoring during training, and bad input.
+
+One training run serves the module (a scoring pass costs ~30 s on 2 cores): rank 0's background
+``eval/watch.py --once`` scores each of its checkpoints while it trains, with the setting (data, shots, limit) that
+``QUICK`` gives eval/mmlu.py and eval/watch.py here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,13 +39,25 @@ def error_line(proc) -> str:
     return errors[0]
 
 
+#: The in-training scorer's setting: the same data, shots and question limit as ``QUICK`` (so a watcher run with
+#: ``QUICK`` finds every checkpoint already scored), the same batch size, and the default device, cpu.
+SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.batch_size=16"]
+TRAIN_ARGS = ["train.save_every=1", "--deepspeed_config", "deepspeed_configs/zero0.json", "data.val_fraction=0.05",
+              "train.eval_every=1"]
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A 3-step run with a checkpoint at every step (one process, ZeRO-0), no scoring during training."""
+def scored_run(tmp_path_factory) -> tuple[Path, str]:
+    """A 2-step run with a checkpoint and a validation loss at every step (one process, ZeRO-0), each checkpoint
+    scored on MMLU while it trains; (output_dir, stdout)."""
     out = tmp_path_factory.mktemp("mmlu") / "run"
-    run_train([f"output_dir={out}", "train.max_steps=3", "train.save_every=1", "optim.lr=3e-3",
-               "--deepspeed_config", "deepspeed_configs/zero0.json"])
-    return out
+    proc = run_train([f"output_dir={out}", *TRAIN_ARGS, *SCORE_IN_TRAINING, "train.max_steps=2"])
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(scored_run) -> Path:
+    return scored_run[0]
 
 
 def copy_checkpoint(run_dir: Path, step: int, dest: Path) -> Path:
@@ -99,38 +117,74 @@ def test_csv_release_layout_is_converted(tmp_path):
 # Scores are lm-eval's
 
 
-def test_same_acc_as_lm_eval_cli_and_merged_equals_adapter(run_dir, tmp_path):
+@dataclass
+class Scored:
+    """lm-eval's own CLI on the step-2 adapter, and eval/mmlu.py on its merged export (see ``scored_elsewhere``)."""
+
+    cli: subprocess.CompletedProcess
+    cli_results: Path  # lm-eval's --output_path
+    merged: Path  # the merged model directory
+    merged_eval: subprocess.CompletedProcess
+    merged_env: dict  # the environment eval/mmlu.py ran in
+
+
+@pytest.fixture(scope="module")
+def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
+    """The step-2 checkpoint scored twice more with ``QUICK``'s setting: (1) by ``python -m lm_eval`` on the adapter
+    (base + peft=), with lm-eval's built-in ``mmlu`` pointed at the bundled sample; (2) exported with
+    launch/export.py --merge and scored by eval/mmlu.py with no HF_*_OFFLINE in the environment and an unreachable
+    hub (eval/mmlu.py must set offline mode itself). The two run side by side: each keeps about one core busy."""
     from pipeline.evaluate import group_yaml
 
-    ckpt = copy_checkpoint(run_dir, 3, tmp_path / "step-3")
-    proc = run(EVAL + ["--checkpoint", str(ckpt), *QUICK])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path_factory.mktemp("scored")
+    adapter = run_dir / "checkpoints" / "step-2" / "adapter"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    (root / "tasks").mkdir()
+    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(mmlu.SAMPLE))
+    cli_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={base},peft={adapter},dtype=auto", "--device", "cpu", "--tasks", "mmlu_local",
+               "--include_path", str(root / "tasks"), "--num_fewshot", "5", "--limit", "2", "--batch_size", "16",
+               "--output_path", str(root / "cli")]
+    with open(root / "cli.out", "w") as out, open(root / "cli.err", "w") as err:  # files: a pipe could fill
+        cli = subprocess.Popen(cli_cmd, cwd=REPO, stdout=out, stderr=err, text=True, env=OFFLINE)
+    try:
+        merged = root / "merged"
+        subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint", str(adapter.parent),
+                        "--out", str(merged), "--merge"], check=True, capture_output=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+        merged_eval = subprocess.run(EVAL + ["--checkpoint", str(merged), *QUICK], cwd=REPO, capture_output=True,
+                                     text=True, timeout=600, env=env)
+        cli.wait(timeout=600)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    done = subprocess.CompletedProcess(cli_cmd, cli.returncode, (root / "cli.out").read_text(),
+                                       (root / "cli.err").read_text())
+    return Scored(done, root / "cli", merged, merged_eval, env)
+
+
+def test_same_acc_as_lm_eval_cli_and_merged_equals_adapter(run_dir, scored_elsewhere):
+    """The score the in-training scorer (eval/watch.py) wrote for step-2 is lm-eval's CLI score of the same
+    adapter, and eval/mmlu.py gives the merged model the same score."""
+    ckpt = run_dir / "checkpoints" / "step-2"
     ours = json.loads((ckpt / "mmlu.json").read_text())
     assert len(ours["subjects"]) == 57 and set(ours["categories"]) == {"stem", "humanities", "social_sciences",
                                                                        "other"}
-    assert ours["num_fewshot"] == 5 and ours["lm_eval_version"] and ours["model"]["step"] == 3
+    assert ours["num_fewshot"] == 5 and ours["limit"] == 2 and ours["lm_eval_version"]
+    assert ours["model"]["step"] == 2 and ours["model"]["adapter"] == str((ckpt / "adapter").resolve())
     assert (ckpt / "mmlu_lm_eval.json").is_file()
 
-    include = tmp_path / "tasks"
-    include.mkdir()
-    (include / "mmlu_local.yaml").write_text(group_yaml(mmlu.SAMPLE))
-    adapter = ckpt / "adapter"
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    cli = run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-               f"pretrained={base},peft={adapter},dtype=auto", "--device", "cpu", "--tasks", "mmlu_local",
-               "--include_path", str(include), "--num_fewshot", "5", "--limit", "2", "--batch_size", "16",
-               "--output_path", str(tmp_path / "cli")])
+    cli = scored_elsewhere.cli
     assert cli.returncode == 0, cli.stderr[-3000:]
-    [results] = list((tmp_path / "cli").rglob("results_*.json"))
+    [results] = list(scored_elsewhere.cli_results.rglob("results_*.json"))
     theirs = json.loads(results.read_text())["results"]["mmlu"]
     assert theirs["acc,none"] == ours["acc"] and theirs["acc_stderr,none"] == ours["acc_stderr"]
 
-    merged = tmp_path / "merged"
-    subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint", str(ckpt), "--out",
-                    str(merged), "--merge"], check=True, capture_output=True)
-    proc = run(EVAL + ["--checkpoint", str(merged), *QUICK])
+    merged_dir, proc = scored_elsewhere.merged, scored_elsewhere.merged_eval
     assert proc.returncode == 0, proc.stderr[-3000:]
-    as_merged = json.loads((merged / "mmlu.json").read_text())
+    as_merged = json.loads((merged_dir / "mmlu.json").read_text())
     assert as_merged["acc"] == ours["acc"] and as_merged["subjects"] == ours["subjects"]
     assert as_merged["model"]["step"] == 0 and as_merged["model"]["adapter"] is None
 
@@ -139,89 +193,89 @@ def test_same_acc_as_lm_eval_cli_and_merged_equals_adapter(run_dir, tmp_path):
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    adapter = ckpt / "adapter"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = {name: HFLM(pretrained=path, device="cpu", batch_size=1, **extra).model(ids).logits
                   for name, path, extra in (("base", base, {}), ("peft", base, {"peft": str(adapter)}),
-                                            ("merged", str(merged), {}))}
+                                            ("merged", str(merged_dir), {}))}
     assert float((logits["peft"] - logits["merged"]).abs().max()) < 1e-4
     assert float((logits["peft"] - logits["base"]).abs().max()) > 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The watcher, and scoring during training
-
-
-def test_watcher_scores_each_checkpoint_once(run_dir):
-    proc = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
+def test_offline_without_being_told(scored_elsewhere):
+    """No HF_*_OFFLINE in the environment and an unreachable hub: eval/mmlu.py sets offline mode itself (its
+    scoring of the merged model in ``scored_elsewhere``)."""
+    env, proc = scored_elsewhere.merged_env, scored_elsewhere.merged_eval
+    assert not {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"} & set(env) and env["HF_ENDPOINT"] == "http://127.0.0.1:9"
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "mmlu.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (scored_elsewhere.merged / "mmlu.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring during training, and the watcher
+
+
+def test_training_scores_each_checkpoint_once_and_prints_the_table(scored_run, tmp_path):
+    """Each checkpoint is scored once, while the run trains (rank 0's background eval/watch.py --once); with a
+    held-out set, the table and the plot carry the validation loss of each scored step; a resumed run appends to
+    val.jsonl from its checkpoint on."""
+    out, stdout = scored_run
+    assert "# MMLU by checkpoint" in stdout and "Best checkpoint: **step-" in stdout
+    rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows) == [1, 2] and len(read_metrics(out)) == 2
     assert all(0 <= r["acc"] <= 1 and set(r) >= {"acc_stderr", "stem", "humanities", "social_sciences", "other"}
                for r in rows)
-    png = (run_dir / "mmlu.png").read_bytes()
+    val = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "val.jsonl").read_text().splitlines())}
+    assert sorted(val) == [0, 1, 2] and val[2] < val[0]
+    table = stdout[stdout.index("# MMLU by checkpoint"):]
+    assert "val loss |" in table.splitlines()[2]
+    for step in (1, 2):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {step} "))
+        assert line.rstrip(" |").endswith(f"{val[step]:.4f}"), line
+    png = (out / "mmlu.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     import matplotlib.image
 
-    assert matplotlib.image.imread(run_dir / "mmlu.png").shape[2] in (3, 4)
-    table = (run_dir / "mmlu.md").read_text()
+    assert matplotlib.image.imread(out / "mmlu.png").shape[2] in (3, 4)
     best = max(rows, key=lambda r: (r["acc"], -r["step"]))
-    assert f"Best checkpoint: **step-{best['step']}**" in table
+    assert f"Best checkpoint: **step-{best['step']}**" in (out / "mmlu.md").read_text()
 
+    # a row past the checkpoint (as a run stopped between evaluation and save would leave) is recomputed; on a
+    # copy, as the other tests read the run
+    resumed = tmp_path / "run"
+    shutil.copytree(out, resumed)
+    with open(resumed / "val.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "val_loss": 9.0, "val_tokens": 1}) + "\n")
+    run_train([f"output_dir={resumed}", *TRAIN_ARGS, "train.max_steps=3", "eval.mmlu.every_checkpoint=false"])
+    steps = [json.loads(line)["step"] for line in (resumed / "val.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    assert json.loads((resumed / "val.jsonl").read_text().splitlines()[-1])["val_loss"] < 9.0
+
+
+def test_watcher_never_scores_a_checkpoint_twice(run_dir):
+    """eval/watch.py on a run whose checkpoints the in-training scorer (the same script, the same setting) has
+    scored: it scores nothing again, and a scorer stopped between mmlu.json and mmlu.jsonl has its rows recorded,
+    still without scoring."""
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")}
+    assert len(stamps) == 2
     again = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len((run_dir / "mmlu.jsonl").read_text().splitlines()) == 3
+    assert "# MMLU by checkpoint" in again.stdout
+    assert [json.loads(x)["step"] for x in (run_dir / "mmlu.jsonl").read_text().splitlines()] == [1, 2]
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
     # A scorer stopped between mmlu.json and mmlu.jsonl: the next pass records the row without scoring again.
     lines = (run_dir / "mmlu.jsonl").read_text().splitlines()
     (run_dir / "mmlu.jsonl").write_text("".join(line + "\n" for line in lines[:1]))
     again = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
     assert again.returncode == 0 and sorted(r["step"] for r in (json.loads(x) for x in
-                                            (run_dir / "mmlu.jsonl").read_text().splitlines())) == [1, 2, 3]
+                                            (run_dir / "mmlu.jsonl").read_text().splitlines())) == [1, 2]
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
-
-
-def test_training_scores_its_checkpoints_and_prints_the_table(tmp_path):
-    """With a held-out set, the table and the plot carry the validation loss of each scored step; a resumed run
-    appends to val.jsonl from its checkpoint on."""
-    out = tmp_path / "run"
-    args = [f"output_dir={out}", "train.save_every=1", "--deepspeed_config", "deepspeed_configs/zero0.json",
-            "eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=1", "eval.mmlu.batch_size=16",
-            "data.val_fraction=0.05", "train.eval_every=1"]
-    proc = run_train([*args, "train.max_steps=2"])
-    assert "# MMLU by checkpoint" in proc.stdout and "Best checkpoint: **step-" in proc.stdout
-    rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows) == [1, 2] and len(read_metrics(out)) == 2
-    val = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "val.jsonl").read_text().splitlines())}
-    assert sorted(val) == [0, 1, 2] and val[2] < val[0]
-    table = proc.stdout[proc.stdout.index("# MMLU by checkpoint"):]
-    assert "val loss |" in table.splitlines()[2]
-    for step in (1, 2):
-        line = next(x for x in table.splitlines() if x.startswith(f"| {step} "))
-        assert line.rstrip(" |").endswith(f"{val[step]:.4f}"), line
-    # a row past the checkpoint (as a run stopped between evaluation and save would leave) is recomputed
-    with open(out / "val.jsonl", "a") as f:
-        f.write(json.dumps({"step": 3, "val_loss": 9.0, "val_tokens": 1}) + "\n")
-    run_train([*args, "train.max_steps=3", "eval.mmlu.every_checkpoint=false"])
-    steps = [json.loads(line)["step"] for line in (out / "val.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
-    assert json.loads((out / "val.jsonl").read_text().splitlines()[-1])["val_loss"] < 9.0
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no mmlu.json
-
-
-def test_offline_without_being_told(run_dir, tmp_path):
-    """No HF_*_OFFLINE in the environment and an unreachable hub: eval/mmlu.py sets offline mode itself."""
-    ckpt = copy_checkpoint(run_dir, 1, tmp_path / "step-1")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
-    proc = subprocess.run(EVAL + ["--checkpoint", str(ckpt), "--mmlu-data", "sample", "--limit", "1",
-                                  "--batch-size", "16"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (ckpt / "mmlu.json").is_file()
 
 
 def test_no_data_fails_at_once_and_says_how_to_get_it(run_dir, tmp_path):

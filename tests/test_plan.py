@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,18 +178,35 @@ def test_zero3_plan_divides_the_frozen_weights_by_the_gpus():
     assert p16.facts["groups"]["lora_B"] > 0 and p16.facts["groups"]["lora_A"] > 0
 
 
+def _plan_cli(*args: str, timeout: int) -> Callable[[], subprocess.CompletedProcess]:
+    """Start launch/plan.py with ``args`` now; calling the result waits for it and returns the finished process."""
+    proc = subprocess.Popen([sys.executable, "launch/plan.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def wait() -> subprocess.CompletedProcess:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    return wait
+
+
 def test_plan_cli_verdicts():
-    fits = subprocess.run([sys.executable, "launch/plan.py", "--config", "launch/configs/llama2-70b.yaml",
-                           "--gpus", "16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # Three independent processes, side by side (each spends most of its time importing, on one core).
+    fits, short, bad = (_plan_cli("--config", "launch/configs/llama2-70b.yaml", "--gpus", "16", timeout=300),
+                        _plan_cli("--config", "launch/configs/llama2-70b.yaml", "--gpus", "1", "--gpu-mem", "80",
+                                  timeout=300),
+                        _plan_cli("--gpus", "0", timeout=120))
+    fits, short, bad = fits(), short(), bad()
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "fits:" in fits.stdout and "Adam states (lora_B)" in fits.stdout
     # 70B on one GPU: the frozen weights alone overflow it; the verdict says what to change.
-    short = subprocess.run([sys.executable, "launch/plan.py", "--config", "launch/configs/llama2-70b.yaml",
-                            "--gpus", "1", "--gpu-mem", "80"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert short.returncode == 3, short.stderr[-2000:]
     assert "does not fit" in short.stdout and "more GPUs" in short.stdout
-    bad = subprocess.run([sys.executable, "launch/plan.py", "--gpus", "0"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--gpus" in bad.stderr
     assert "Traceback" not in bad.stderr
 
