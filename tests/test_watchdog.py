@@ -18,16 +18,20 @@ from pipeline.errors import lost_peer
 from tests.conftest import REPO
 
 
-@pytest.fixture
-def store():
+def serve_store():
+    """A TCPStore server on a free port, as rank 0 serves the job's; (store, port)."""
     from torch.distributed import TCPStore
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                      timeout=datetime.timedelta(seconds=10))
-    yield server, port
+    return TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=10)), port
+
+
+@pytest.fixture
+def store():
+    return serve_store()
 
 
 def watch(rank: int, world: int, port: int, timeout: float = 1.5) -> tuple[watchdog.PeerWatch, list, threading.Event]:
@@ -104,13 +108,7 @@ def test_the_others_end_on_rank0s_note_and_when_its_store_is_gone(store):
 
 
 def test_a_store_that_stops_answering_ends_a_rank_after_the_timeout():
-    from torch.distributed import TCPStore
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                      timeout=datetime.timedelta(seconds=10))
+    server, port = serve_store()  # not the fixture's: this test drops the last reference to close it
     stop = threading.Event()
     beat(server, 0, stop)
     w, ended, event = watch(1, 2, port, timeout=2.0)
