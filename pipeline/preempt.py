@@ -19,14 +19,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def exit_at_once() -> None:
-    """Until the training loop takes over (``StopRequest``), SIGTERM/SIGINT end the process at once with status
-    128 + signal: before the first step there is nothing to save (every file written so far is written atomically),
-    and a stop while a 70B model loads must read as a stop (143), not as a crash, to a batch script."""
+    """Outside the training loop (``StopRequest`` takes over within it), SIGTERM/SIGINT end the process at once with
+    status 128 + signal: before the first step there is nothing to save (every file written so far is written
+    atomically), after the last the checkpoint is written, and a stop while a 70B model loads must read as a stop
+    (143), not as a crash, to a batch script."""
 
     def handler(signum, frame) -> None:
         if os.environ.get("RANK", "0") == "0":
-            os.write(2, f"\nreceived {signal.Signals(signum).name} before the first step: nothing to save; exiting\n"
-                        .encode())
+            name = signal.Signals(signum).name
+            os.write(2, f"\nreceived {name} outside the training steps: nothing to save; exiting\n".encode())
         os._exit(128 + signum)
 
     for s in SIGNALS:

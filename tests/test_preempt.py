@@ -46,6 +46,6 @@ def test_a_signal_before_the_first_step_exits_at_once_as_a_stop(tmp_path):
     rc = proc.wait(timeout=60)
     stderr = proc.stderr.read()
     assert rc == 143, stderr
-    assert "received SIGTERM before the first step: nothing to save; exiting" in stderr
+    assert "received SIGTERM outside the training steps: nothing to save; exiting" in stderr
     assert "Traceback" not in stderr
     assert not (out / "checkpoints").exists()
