@@ -2,8 +2,10 @@
 """Export a checkpoint as a standalone PEFT adapter, or (--merge) as a merged Hugging Face model.
 
     python launch/export.py --checkpoint OUTPUT_DIR/checkpoints/step-N --out DIR [--merge] [--base MODEL_DIR]
+    python launch/export.py --checkpoint OUTPUT_DIR --best --out DIR [--merge]
 
---checkpoint may also name a run's output_dir (its newest complete checkpoint is taken). The checkpoint's files
+--checkpoint may also name a run's output_dir (its newest complete checkpoint is taken; with --best, the one
+checkpoints/best names: the highest MMLU accuracy, else the lowest validation loss). The checkpoint's files
 are verified against its manifest first. DIR must not exist yet (or be empty); it is written under a temporary
 name and renamed when complete. The adapter export holds adapter_config.json, adapter_model.safetensors and the
 tokenizer; --merge folds the adapter into the base weights (in the base's dtype) and writes a model that
@@ -27,16 +29,30 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory, or a run's output_dir")
     p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--best", action="store_true",
+                   help="with --checkpoint OUTPUT_DIR: the checkpoint checkpoints/best names, not the newest")
     p.add_argument("--merge", action="store_true", help="write base + adapter merged into one model")
     p.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the base model's own code to run")
     return p.parse_args(argv)
 
 
-def pick_checkpoint(path: Path) -> Path:
-    """A step directory that verifies; an output_dir resolves to its newest one that does."""
+def pick_checkpoint(path: Path, best: bool = False) -> Path:
+    """A step directory that verifies; an output_dir resolves to its newest one that does (``best``: to the one
+    ``checkpoints/best`` names)."""
     if not path.is_dir():
         raise UserError(f"--checkpoint {path} is not a directory")
+    if best:
+        name = checkpoint.best_name(path)
+        if (path / checkpoint.MANIFEST).is_file() or checkpoint.STEP_RE.fullmatch(path.name):
+            raise UserError(f"--best picks a checkpoint of a run: give --checkpoint the run's output_dir, not "
+                            f"the checkpoint {path}")
+        if name is None:
+            raise UserError(f"--best: {path} has no checkpoints/best (no checkpoint has an MMLU score or a "
+                            f"validation loss yet); name one with --checkpoint {path}/checkpoints/step-N")
+        path = checkpoint.checkpoints_dir(path) / name
+        if not path.is_dir():
+            raise UserError(f"--best: checkpoints/best names {name}, which is not in {path.parent}")
     if (path / checkpoint.MANIFEST).is_file() or checkpoint.STEP_RE.fullmatch(path.name):
         reason = checkpoint.verify(path)
         if reason:
@@ -51,7 +67,7 @@ def pick_checkpoint(path: Path) -> Path:
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ckpt = pick_checkpoint(Path(args.checkpoint).expanduser().resolve())
+    ckpt = pick_checkpoint(Path(args.checkpoint).expanduser().resolve(), args.best)
     out = Path(args.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline import distributed as dist  # noqa: E402  (light until init() is called)
-from pipeline import checkpoint, loraplus, preempt, resume, scorer, tiny, watchdog  # noqa: E402
-from pipeline.config import make_config, resolve_file  # noqa: E402
+from pipeline import checkpoint, loraplus, preempt, resume, scorer, tiny, trackers, watchdog  # noqa: E402
+from pipeline.config import make_config, resolve_file, to_dict  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 from pipeline.metrics import quiet_library_warnings  # noqa: E402
 
@@ -50,6 +50,7 @@ def main(argv=None) -> None:
             raise UserError("eval.mmlu.every_checkpoint=true cannot score model.random_init runs: their adapters "
                             "have no base model on disk to load with")
         scoring = False
+    trackers.check_installed(cfg.logging)
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
     from pipeline.model import check_model_dir, check_shape, has_tokenizer
 
@@ -172,7 +173,9 @@ def main(argv=None) -> None:
     run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), precision, len(samples),
                                      data_id)
 
+    log.attach(trackers.Trackers(output_dir, cfg.logging, to_dict(cfg), log.print, active=info.rank == 0))
     mmlu_scorer = scorer.BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0 and scoring)
+    mmlu_scorer.begin()  # the base model, as step 0
 
     def save(p: Progress) -> None:
         clock = Stopwatch()
@@ -190,14 +193,18 @@ def main(argv=None) -> None:
         mmlu_scorer.stop()
         raise
     watch.leave()  # the others may end now; rank 0 may still score below
+    if info.rank == 0:
+        from pipeline.mmlu_report import plot_losses
+
+        plot_losses(output_dir)
     if signum:
         mmlu_scorer.stop()
         log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
                   f"same command again to resume")
         log.close()
         sys.exit(128 + signum)
-    log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'}, "
-              f"checkpoints in {output_dir / 'checkpoints'}")
+    log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'} "
+              f"(plot: loss.png), checkpoints in {output_dir / 'checkpoints'}")
     if mmlu_scorer.active:
         log.print("scoring the checkpoints on MMLU (eval.mmlu; eval.mmlu.every_checkpoint=false turns this off)...")
         log.print(mmlu_scorer.finish() or "")

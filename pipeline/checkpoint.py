@@ -8,6 +8,8 @@
       metrics.jsonl               one row per optimizer step
       checkpoints/
         latest                    "step-<N>": the newest sealed checkpoint (written last)
+        best                      "step-<N>": the best one so far, by MMLU acc, else val loss (mmlu_report.py);
+                                  never deleted by train.keep_last
         step-<N>/
           adapter/                a PEFT adapter directory: adapter_config.json + adapter_model.safetensors
           deepspeed/              DeepSpeed engine state: LoRA fp32 masters, Adam state per LoRA+ group with its
@@ -44,12 +46,18 @@ from pipeline import distributed as dist
 from pipeline import faults
 from pipeline.config import Config, save_config
 from pipeline.errors import RunError, UserError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, locked
 
 ENGINE_TAG = "deepspeed"
 STEP_RE = re.compile(r"step-(\d+)")
 MANIFEST = "manifest.json"
+BEST = "best"  # checkpoints/best: the pointer pipeline/mmlu_report.choose_best writes
+BEST_LOCK = ".best.lock"  # held while the pointer is chosen and while keep_last deletes
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "val.jsonl", "deepspeed_config.json", "checkpoints")
+# What a run writes beside them (scores, plots, trackers): deleted with it by --overwrite, so a new run's scores
+# are never taken for the old run's ("a step already in mmlu.jsonl is never appended twice").
+RUN_OUTPUTS = ("mmlu.jsonl", "mmlu.md", "mmlu.png", "mmlu.log", ".mmlu.lock", "loss.png", "base", "tensorboard",
+               "trackers.json", "wandb")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -102,6 +110,11 @@ def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
+        from pipeline.mmlu_report import choose_best
+
+        error = _attempt(lambda: choose_best(output_dir), Exception)  # by val loss until MMLU scores arrive
+        if error:
+            print(f"warning: could not update {checkpoints_dir(output_dir) / BEST}: {error}", flush=True)
         error = _attempt(lambda: _retain(output_dir, cfg.train.keep_last), Exception)
         if error:  # the new checkpoint is sealed; an old one left behind costs only disk
             print(f"warning: could not delete an old checkpoint (train.keep_last): {error}", flush=True)
@@ -174,11 +187,15 @@ def _point_latest_at(checkpoint: Path) -> None:
 
 
 def _retain(output_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` sealed checkpoints (0: keep all). Runs after a save is sealed."""
+    """Delete all but the newest ``keep_last`` sealed checkpoints (0: keep all), and never ``checkpoints/best``.
+    Runs after a save is sealed."""
     if keep_last <= 0:
         return
-    for _, path in sealed_steps(output_dir)[keep_last:]:
-        shutil.rmtree(path)
+    with locked(checkpoints_dir(output_dir) / BEST_LOCK):  # not while a scorer moves the pointer
+        keep = best_name(output_dir)
+        for _, path in sealed_steps(output_dir)[keep_last:]:
+            if path.name != keep:
+                shutil.rmtree(path)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -217,6 +234,12 @@ def sealed_steps(output_dir: Path) -> list[tuple[int, Path]]:
 
 def latest_name(output_dir: Path) -> str | None:
     pointer = checkpoints_dir(output_dir) / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def best_name(output_dir: Path) -> str | None:
+    """What ``checkpoints/best`` names (``step-<N>``), if it exists."""
+    pointer = checkpoints_dir(output_dir) / BEST
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
@@ -370,7 +393,7 @@ def start_run(out: Path, overwrite: bool, rank: int, cfg: Config, ds_config: dic
 
     def start() -> None:
         if overwrite:
-            for name in RUN_ARTIFACTS:
+            for name in RUN_ARTIFACTS + RUN_OUTPUTS:
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -325,6 +325,22 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers, beside ``metrics.jsonl`` (which is always written). Rank 0 logs; see
+    ``pipeline/trackers.py``."""
+
+    tensorboard: bool = False
+    """TensorBoard event files under ``output_dir/tensorboard/`` (``tensorboard --logdir`` that directory)."""
+    wandb: bool = False
+    """A Weights & Biases run (``WANDB_MODE=offline`` and ``WANDB_DIR`` are W&B's own and honoured; the default
+    directory is ``output_dir``). A resumed run, and ``eval/watch.py``, log into the same W&B run."""
+    wandb_project: str = ""
+    """W&B project (empty: ``WANDB_PROJECT``, else W&B's default)."""
+    wandb_name: str = ""
+    """W&B run name (empty: the name of ``output_dir``)."""
+
+
+@dataclass
 class Config:
     """A whole training recipe."""
 
@@ -342,6 +358,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir", "must not be empty")

@@ -1,4 +1,4 @@
-"""Rank-0 output: console lines, the metrics JSONL file, and the progress bar."""
+"""Rank-0 output: console lines, the metrics JSONL file, the progress bar, and the trackers it feeds."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ class Reporter:
         rank: global rank; only rank 0 writes.
         metrics_path: ``output_dir/metrics.jsonl`` (opened for append, flushed every step).
         total_steps: for the progress bar.
+        trackers: TensorBoard / W&B (``pipeline/trackers.py``), fed every row; set by ``attach``.
     """
 
     def __init__(self, rank: int, metrics_path: Path | None, total_steps: int):
         self.active = rank == 0
+        self.trackers = None
         self.total = total_steps
         self._path = metrics_path
         self._file = None  # opened at the first step, so a run that fails before training leaves no file
@@ -40,6 +42,10 @@ class Reporter:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def attach(self, trackers) -> None:
+        """Feed ``trackers`` from now on (rank 0's; the others get none)."""
+        self.trackers = trackers if self.active else None
 
     def start_at(self, step: int) -> None:
         """A resumed run: the bar starts at ``step`` of ``total_steps``."""
@@ -65,6 +71,11 @@ class Reporter:
         if self._file:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        if self.trackers is not None:
+            from pipeline.trackers import step_scalars
+
+            self.trackers.log(row["step"], step_scalars(row))
+            self.trackers.sync_mmlu()  # scores the background scorer recorded since the last step
         lrs = row["lr_groups"]
         loss = "skipped" if row["skipped"] else f"{row['loss']:.4f}"
         summary = (f"loss {loss}  lr_A {lrs.get('lora_A', float('nan')):.2e}  "
@@ -85,6 +96,8 @@ class Reporter:
         if self._path is not None:
             with open(self._path.with_name("val.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row["step"], {"eval/val_loss": row["val_loss"]})
         self.print(f"validation at step {row['step']}: loss {row['val_loss']:.4f} over {row['val_tokens']:,} label "
                    f"tokens ({row['time_s']:.1f} s)")
 
@@ -101,6 +114,9 @@ class Reporter:
             self._bar.close()
         if self._file:
             self._file.close()
+        if self.trackers is not None:
+            self.trackers.sync_mmlu()  # the scores that came in at the end
+            self.trackers.close()
 
 
 class Stopwatch:

@@ -1,11 +1,15 @@
-"""A run's MMLU record: ``mmlu.jsonl`` (one row per scored checkpoint), ``mmlu.png`` (accuracy against step
-with stderr bars; training loss and, when the run has a validation set, validation loss on a second axis) and
-``mmlu.md`` (a table naming the best checkpoint, with the validation loss at each scored step).
+"""A run's MMLU record and its pictures: ``mmlu.jsonl`` (one row per scored model: the base model as step 0, then
+each checkpoint), ``mmlu.md`` (the table, base vs best with the stderr), ``mmlu.png`` (accuracy with stderr bars
+by step, validation loss and smoothed training loss on a second axis, the best checkpoint marked), ``loss.png``
+(training and validation loss; the lr of each LoRA+ group on a log axis), and ``checkpoints/best``.
+
+``checkpoints/best`` names the checkpoint with the highest MMLU accuracy (the earliest among equals), or, while no
+checkpoint has a score (MMLU off), the lowest validation loss; :func:`choose_best` re-reads both each time a
+score or a checkpoint lands. ``train.keep_last`` never deletes it (``checkpoint._retain``, under the same lock).
 
 Writers (the in-training scorer, any number of watchers) serialise on an ``flock`` of ``output_dir/.mmlu.lock``:
 a step already in ``mmlu.jsonl`` is never appended twice.
 """
-
 from __future__ import annotations
 
 import json
@@ -55,11 +59,57 @@ def redraw(output_dir: Path) -> None:
     val = _losses(output_dir, "val.jsonl", "val_loss")
     atomic_write_text(output_dir / "mmlu.md", table(rows, dict(val)))
     plot(rows, _losses(output_dir), output_dir / "mmlu.png", val)
+    choose_best(output_dir)
+
+
+def base_row(rows: list[dict]) -> dict | None:
+    """The base model's score (step 0), if it was scored."""
+    return next((r for r in rows if r["step"] == 0), None)
 
 
 def best(rows: list[dict]) -> dict | None:
-    """The highest accuracy; the earliest step among equals."""
-    return max(rows, key=lambda r: (r["acc"], -r["step"])) if rows else None
+    """The checkpoint (step > 0) with the highest accuracy; the earliest step among equals."""
+    scored = [r for r in rows if r["step"] > 0]
+    return max(scored, key=lambda r: (r["acc"], -r["step"])) if scored else None
+
+
+def choose_best(output_dir: Path) -> str | None:
+    """Point ``checkpoints/best`` at the best checkpoint still on disk: by MMLU accuracy if any checkpoint has a
+    score, else by validation loss (the lowest; the earliest among equals). Returns its name (``None``: none)."""
+    from pipeline import checkpoint
+
+    root = checkpoint.checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    with locked(root / checkpoint.BEST_LOCK):
+        on_disk = {step for step, _ in checkpoint.sealed_steps(output_dir)}
+        top = best([r for r in read_rows(output_dir) if r["step"] in on_disk])
+        if top is None:
+            val = [(v, s) for s, v in _losses(output_dir, "val.jsonl", "val_loss") if s in on_disk]
+            top = {"step": min(val)[1]} if val else None
+        if top is None:
+            return None
+        name = f"step-{top['step']}"
+        if checkpoint.best_name(output_dir) != name:
+            atomic_write_text(root / checkpoint.BEST, name + "\n")
+        return name
+
+
+def verdict(rows: list[dict]) -> str:
+    """Base vs best, with the stderr of their difference and whether the difference is larger."""
+    top, base = best(rows), base_row(rows)
+    if top is None:
+        return "No checkpoint scored yet."
+    line = f"Best checkpoint: **step-{top['step']}** (acc {top['acc']:.4f} ± {_num(top['acc_stderr'])})"
+    if base is None:
+        return line + "; the base model was not scored."
+    diff = top["acc"] - base["acc"]
+    if top["acc_stderr"] is None or base["acc_stderr"] is None:
+        return line + f": {diff:+.4f} over the base model (acc {base['acc']:.4f}; no stderr to compare with)."
+    se = (top["acc_stderr"] ** 2 + base["acc_stderr"] ** 2) ** 0.5
+    judged = ("larger than its stderr" if abs(diff) > se else "within its stderr: no clear difference")
+    return line + (f": {diff:+.4f} over the base model (acc {base['acc']:.4f} ± {base['acc_stderr']:.4f}); the "
+                   f"difference's stderr is {se:.4f}, so the difference is {judged}.")
 
 
 def table(rows: list[dict], val_loss: dict[int, float] | None = None) -> str:
@@ -71,13 +121,11 @@ def table(rows: list[dict], val_loss: dict[int, float] | None = None) -> str:
     top = best(rows)
     lines = []
     for r in rows:
-        mark = " **best**" if r is top else ""
+        mark = " **best**" if r is top else " (base model)" if r["step"] == 0 else ""
         cell = f" {_num(val_loss.get(r['step']))} |" if val_loss else ""
         lines.append(f"| {r['step']}{mark} | {r['acc']:.4f} | {_num(r['acc_stderr'])} | "
                      + " | ".join(f"{r[c]:.4f}" for c in CATEGORIES) + f" |{cell}\n")
-    verdict = (f"\nBest checkpoint: **step-{top['step']}** (acc {top['acc']:.4f} ± {_num(top['acc_stderr'])}).\n"
-               if top else "\nNo checkpoint scored yet.\n")
-    return "# MMLU by checkpoint\n\n" + head + "".join(lines) + verdict
+    return "# MMLU by checkpoint\n\n" + head + "".join(lines) + "\n" + verdict(rows) + "\n"
 
 
 def _num(x) -> str:
@@ -86,7 +134,10 @@ def _num(x) -> str:
 
 def _losses(output_dir: Path, name: str = "metrics.jsonl", key: str = "loss") -> list[tuple[int, float]]:
     """(step, value) of ``key`` in the JSONL file ``name`` of the run (rows cut short by a crash skipped)."""
-    path = output_dir / name
+    return [(s, row[key]) for s, row in _jsonl(output_dir / name) if row.get(key) is not None]
+
+
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -94,39 +145,106 @@ def _losses(output_dir: Path, name: str = "metrics.jsonl", key: str = "loss") ->
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and row.get(key) is not None:
-                out.append((row["step"], row[key]))
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                out.append((row["step"], row))
     return out
 
 
-def plot(rows: list[dict], losses: list[tuple[int, float]], path: Path,
-         val: list[tuple[int, float]] | None = None) -> None:
+def smooth(values: list[float]) -> list[float]:
+    """A debiased exponential moving average (TensorBoard's smoothing) over about a twentieth of the curve."""
+    span = max(1, len(values) // 20)
+    weight = 1 - 2 / (span + 1)
+    out, avg = [], 0.0
+    for k, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** k) if weight else v)
+    return out
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], losses: list[tuple[int, float]], path: Path,
+         val: list[tuple[int, float]] | None = None) -> None:
+    """``mmlu.png``: accuracy with stderr bars by step (the base model at step 0), the best checkpoint starred;
+    validation loss and smoothed training loss on the second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    handles = []
     if rows:
-        ax.errorbar([r["step"] for r in rows], [r["acc"] for r in rows], yerr=[r["acc_stderr"] or 0.0 for r in rows],
-                    marker="o", capsize=3, color="tab:blue", label="MMLU acc")
-        top = best(rows)
-        ax.annotate(f"best: step {top['step']}", (top["step"], top["acc"]), textcoords="offset points",
-                    xytext=(0, 10), ha="center", fontsize=8)
+        handles.append(ax.errorbar([r["step"] for r in rows], [r["acc"] for r in rows],
+                                   yerr=[r["acc_stderr"] or 0.0 for r in rows], marker="o", capsize=3,
+                                   color="tab:blue", label="MMLU acc ± stderr"))
+        top, base = best(rows), base_row(rows)
+        if top is not None:
+            handles.append(ax.scatter([top["step"]], [top["acc"]], marker="*", s=220, color="gold",
+                                      edgecolors="black", zorder=5, label=f"best: step {top['step']}"))
+        if base is not None:
+            ax.annotate("base model", (0, base["acc"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("MMLU accuracy", color="tab:blue")
     if losses or val:
         ax2 = ax.twinx()
         if losses:
-            ax2.plot([s for s, _ in losses], [v for _, v in losses], color="tab:gray", alpha=0.6, label="train loss")
+            steps, values = [s for s, _ in losses], [v for _, v in losses]
+            ax2.plot(steps, values, color="tab:gray", alpha=0.25, linewidth=0.8)
+            handles += ax2.plot(steps, smooth(values), color="tab:gray", label="train loss (smoothed)")
         if val:
-            ax2.plot([s for s, _ in val], [v for _, v in val], color="tab:orange", marker="s", markersize=3,
-                     label="validation loss")
+            handles += ax2.plot([s for s, _ in val], [v for _, v in val], color="tab:orange", marker="s",
+                                markersize=3, label="validation loss")
         ax2.set_ylabel("loss", color="tab:gray")
-        ax2.legend(loc="upper right", fontsize=8)
+    if handles:
+        ax.legend(handles=handles, loc="center right", fontsize=8)
     ax.set_title("MMLU accuracy by checkpoint")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
+
+
+def plot_losses(output_dir: Path) -> Path | None:
+    """``loss.png``: training loss (raw and smoothed) and validation loss; below it, the lr of every LoRA+ group on
+    a log axis. Drawn at the end of every run; ``None`` if the run has no steps."""
+    rows = _jsonl(output_dir / "metrics.jsonl")
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), dpi=120, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    losses = [(s, r["loss"]) for s, r in rows if r.get("loss") is not None]
+    if losses:
+        steps, values = [s for s, _ in losses], [v for _, v in losses]
+        top.plot(steps, values, color="tab:gray", alpha=0.3, linewidth=0.8, label="train loss")
+        top.plot(steps, smooth(values), color="tab:gray", label="train loss (smoothed)")
+    val = _losses(output_dir, "val.jsonl", "val_loss")
+    if val:
+        top.plot([s for s, _ in val], [v for _, v in val], color="tab:orange", marker="s", markersize=3,
+                 label="validation loss")
+    top.set_ylabel("loss")
+    top.legend(fontsize=8)
+    top.set_title("Training")
+    groups = sorted({g for _, r in rows for g in (r.get("lr_groups") or {})})
+    for g in groups:
+        pts = [(s, r["lr_groups"][g]) for s, r in rows if (r.get("lr_groups") or {}).get(g, 0) > 0]
+        if pts:
+            bottom.plot([s for s, _ in pts], [v for _, v in pts], label=f"lr {g}")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("learning rate")
+    if groups:
+        bottom.legend(fontsize=8)
+    fig.tight_layout()
+    path = output_dir / "loss.png"
+    _save(fig, path)
+    return path

@@ -1,7 +1,8 @@
 """Scoring checkpoints on MMLU while a run trains, without holding the training ranks.
 
-Rank 0 starts ``eval/watch.py --once`` in a background process after a checkpoint is sealed (one at a time; a
-checkpoint saved while one is running is picked up by the next). At the end of the run, rank 0 waits for it,
+Rank 0 starts ``eval/watch.py --once`` in a background process when training starts (it scores the base model as
+step 0) and after each checkpoint is sealed (one at a time; a checkpoint saved while one is running is picked up
+by the next). At the end of the run, rank 0 waits for it,
 scores whatever is left, and returns the table. The watcher's locks make it safe to run a separate
 ``eval/watch.py`` on another node at the same time.
 """
@@ -82,10 +83,16 @@ class BackgroundScorer:
         self._proc: subprocess.Popen | None = None
 
     def command(self, device: str) -> list[str]:
-        cmd = [sys.executable, str(WATCH), "--run", str(self.output_dir), "--once", "--mmlu-data", self.cfg.data,
+        # --no-trackers: the training process logs the scores to TensorBoard / W&B as they land in mmlu.jsonl.
+        cmd = [sys.executable, str(WATCH), "--run", str(self.output_dir), "--once", "--no-trackers",
+               "--mmlu-data", self.cfg.data,
                "--num-fewshot", str(self.cfg.num_fewshot), "--batch-size", self.cfg.batch_size,
                "--device", device]
         return cmd + (["--limit", str(self.cfg.limit)] if self.cfg.limit else [])
+
+    def begin(self) -> None:
+        """Training starts: score the base model (step 0) while it trains, unless it already has a score."""
+        self.checkpoint_saved()
 
     def checkpoint_saved(self) -> None:
         if not self.active:

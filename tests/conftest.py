@@ -78,3 +78,57 @@ def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | 
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the event files of ``logdir``, read by TensorBoard's own loader: tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B ``run-<id>.wandb`` file (what ``wandb sync`` uploads), as ``wandb_internal_pb2.Record``.
+
+    The file is a 7-byte header (``:W&B``, magic, version) and then LevelDB's log format: 32 KiB blocks of
+    records, each with a 7-byte header (crc32c, length, type: full, first, middle, last) and a payload; a record
+    may span blocks. wandb 0.31 ships no reader of its own in Python (its core is Go), so this is one.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B", run_file
+    pos, part, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if length == 0 and kind == 0:  # zero padding to the end of the block
+            pos += left - 7
+            continue
+        part += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):  # full, last
+            record = pb.Record()
+            record.ParseFromString(part)
+            out.append(record)
+            part = b""
+    return out
+
+
+def wandb_history(wandb_dir: Path) -> list[dict]:
+    """The logged rows of every offline run under ``wandb_dir`` (oldest first): key -> value."""
+    rows = []
+    for run_file in sorted(wandb_dir.glob("offline-run-*/run-*.wandb")):
+        for r in wandb_records(run_file):
+            if r.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in r.history.item})
+    return rows
