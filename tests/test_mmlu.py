@@ -218,13 +218,15 @@ def test_offline_without_being_told(scored_elsewhere):
 
 
 def test_training_scores_each_checkpoint_once_and_prints_the_table(scored_run, tmp_path):
-    """Each checkpoint is scored once, while the run trains (rank 0's background eval/watch.py --once); with a
-    held-out set, the table and the plot carry the validation loss of each scored step; a resumed run appends to
-    val.jsonl from its checkpoint on."""
+    """The base model (step 0) and each checkpoint are scored once, while the run trains (rank 0's background
+    eval/watch.py --once); with a held-out set, the table and the plot carry the validation loss of each scored
+    step; checkpoints/best names the best; a resumed run appends to val.jsonl from its checkpoint on, and trackers
+    that fail there (TensorBoard's directory is a file, W&B's server unreachable) are a warning line each."""
     out, stdout = scored_run
     assert "# MMLU by checkpoint" in stdout and "Best checkpoint: **step-" in stdout
     rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows) == [1, 2] and len(read_metrics(out)) == 2
+    assert sorted(r["step"] for r in rows) == [0, 1, 2] and len(read_metrics(out)) == 2
+    assert (out / "base" / "mmlu.json").is_file() and "| 0 (base model) |" in stdout
     assert all(0 <= r["acc"] <= 1 and set(r) >= {"acc_stderr", "stem", "humanities", "social_sciences", "other"}
                for r in rows)
     val = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "val.jsonl").read_text().splitlines())}
@@ -239,8 +241,10 @@ def test_training_scores_each_checkpoint_once_and_prints_the_table(scored_run, t
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "mmlu.png").shape[2] in (3, 4)
-    best = max(rows, key=lambda r: (r["acc"], -r["step"]))
+    best = max((r for r in rows if r["step"] > 0), key=lambda r: (r["acc"], -r["step"]))
     assert f"Best checkpoint: **step-{best['step']}**" in (out / "mmlu.md").read_text()
+    assert (out / "checkpoints" / "best").read_text() == f"step-{best['step']}\n"
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
 
     # a row past the checkpoint (as a run stopped between evaluation and save would leave) is recomputed; on a
     # copy, as the other tests read the run
@@ -248,7 +252,15 @@ def test_training_scores_each_checkpoint_once_and_prints_the_table(scored_run, t
     shutil.copytree(out, resumed)
     with open(resumed / "val.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "val_loss": 9.0, "val_tokens": 1}) + "\n")
-    run_train([f"output_dir={resumed}", *TRAIN_ARGS, "train.max_steps=3", "eval.mmlu.every_checkpoint=false"])
+    (resumed / "tensorboard").write_text("not a directory")
+    unreachable = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+                   "WANDB_INIT_TIMEOUT": "5"}
+    proc = run_train([f"output_dir={resumed}", *TRAIN_ARGS, "train.max_steps=3", "eval.mmlu.every_checkpoint=false",
+                      "logging.tensorboard=true", "logging.wandb=true"], env=unreachable)
+    for name in ("TensorBoard", "W&B"):
+        warned = [x for x in proc.stdout.splitlines() if x.startswith(f"warning: {name} logging is off for this run")]
+        assert len(warned) == 1 and "metrics.jsonl is unaffected" in warned[0], proc.stdout[-3000:]
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3] and "Traceback" not in proc.stderr
     steps = [json.loads(line)["step"] for line in (resumed / "val.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
     assert json.loads((resumed / "val.jsonl").read_text().splitlines()[-1])["val_loss"] < 9.0
@@ -258,20 +270,21 @@ def test_watcher_never_scores_a_checkpoint_twice(run_dir):
     """eval/watch.py on a run whose checkpoints the in-training scorer (the same script, the same setting) has
     scored: it scores nothing again, and a scorer stopped between mmlu.json and mmlu.jsonl has its rows recorded,
     still without scoring."""
-    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")}
-    assert len(stamps) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in [*run_dir.glob("checkpoints/step-*/mmlu.json"),
+                                                   run_dir / "base" / "mmlu.json"]}
+    assert len(stamps) == 3
     again = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "# MMLU by checkpoint" in again.stdout
-    assert [json.loads(x)["step"] for x in (run_dir / "mmlu.jsonl").read_text().splitlines()] == [1, 2]
-    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
+    assert [json.loads(x)["step"] for x in (run_dir / "mmlu.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # A scorer stopped between mmlu.json and mmlu.jsonl: the next pass records the row without scoring again.
     lines = (run_dir / "mmlu.jsonl").read_text().splitlines()
     (run_dir / "mmlu.jsonl").write_text("".join(line + "\n" for line in lines[:1]))
     again = run(WATCH + ["--run", str(run_dir), "--once", *QUICK])
     assert again.returncode == 0 and sorted(r["step"] for r in (json.loads(x) for x in
-                                            (run_dir / "mmlu.jsonl").read_text().splitlines())) == [1, 2]
-    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("checkpoints/step-*/mmlu.json")} == stamps
+                                            (run_dir / "mmlu.jsonl").read_text().splitlines())) == [0, 1, 2]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -104,3 +104,19 @@ def test_trackers_log_numbers_only_and_each_score_once(tmp_path):
     assert scalars["eval/mmlu/acc"] == {0: 0.25, 1: 0.5, 2: 0.6000000238418579}
     state = json.loads((tmp_path / "trackers.json").read_text())
     assert state["mmlu_logged"] == [0, 1, 2] and state["config_logged"] == ["tensorboard"]
+
+
+def test_a_tracker_asked_for_but_not_installed_is_refused_in_one_line(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from pipeline import trackers
+    from pipeline.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    trackers.check_installed(LoggingConfig(tensorboard=True))  # installed: nothing to say
+    with pytest.raises(UserError, match=r"logging.wandb=true needs the wandb package, which is not installed: pip "
+                                        r"install tensorboard wandb \(or pip install -e '.\[trackers\]'\)"):
+        trackers.check_installed(LoggingConfig(wandb=True))
