@@ -113,7 +113,8 @@ def finetune(model_dir: Path, data: Path, out: Path, ratio: float, lr: float, se
            "--deepspeed_config", "deepspeed_configs/zero0.json", f"model.name_or_path={model_dir}",
            f"data.path={data}", "data.format=text", f"optim.lr={lr}", f"optim.loraplus_ratio={ratio}",
            f"seed={seed}", f"train.max_steps={steps}", "train.micro_batch_size=8", "train.seq_len=128",
-           "schedule.name=constant", "lora.r=8", "lora.alpha=16", "eval.mmlu.every_checkpoint=false"]
+           "schedule.name=constant", "lora.r=8", "lora.alpha=16", "eval.mmlu.every_checkpoint=false",
+           "train.save_every=0"]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -53,7 +53,8 @@ def one_run(work: Path, data: str, precision: str, chunk: int, steps: int) -> di
     out = work / f"{data}-{precision}-{chunk}"
     extra = [f"data.path={text_copy(work)}", "data.format=text"] if data == "text" else []
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--overwrite", f"output_dir={out}", *SHAPE, *RUN,
-           *extra, f"train.max_steps={steps}", f"train.precision={precision}", f"train.loss_chunk={chunk}"]
+           *extra, f"train.max_steps={steps}", f"train.precision={precision}", f"train.loss_chunk={chunk}",
+           "train.save_every=0"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -42,7 +42,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"ours": REPO / "launch" / "train.py", "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
-DEFAULTS = ["schedule.name=constant", "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false"]
+DEFAULTS = ["schedule.name=constant", "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false",
+            "train.save_every=0"]  # a checkpoint at the end only, on both sides
 
 
 def measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:

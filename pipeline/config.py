@@ -246,9 +246,10 @@ class TrainConfig:
     """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * world size."""
     seq_len: int = 256
     """Longest sample, in tokens (see ``data.too_long``)."""
-    save_every: int = 0
+    save_every: int = 15
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved, and so is the step
-    at which a SIGTERM/SIGINT stops the run."""
+    at which a SIGTERM/SIGINT stops the run. The default gives the embedded default's 60 steps four checkpoints
+    to score; the shipped recipes for real models set their own."""
     keep_last: int = 0
     """Keep only the newest K checkpoints (0: keep all). Older ones are deleted only after a newer one is
     complete."""

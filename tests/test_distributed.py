@@ -328,30 +328,95 @@ def test_zero3_adapter_loads_with_peft_and_reproduces_logits(runs_root, tiny_mod
 
 
 def test_embedded_default_end_to_end(tmp_path):
+    """The README's main command as it is (2 ranks, every default), with both trackers on: its checkpoints, the
+    base model and each checkpoint scored on the bundled MMLU sample, the best clearly above the base; TensorBoard
+    (read by its own loader) and a W&B offline run hold every step, lambda between the groups' lrs, and the
+    scores at their checkpoints' steps; export --best exports the best."""
+    import subprocess
+    import sys
+
+    from pipeline.config import make_config
+    from tests.conftest import REPO, tensorboard_scalars, wandb_history, wandb_records
+
+    default = make_config()
+    steps, every, ratio = default.train.max_steps, default.train.save_every, default.optim.loraplus_ratio
     out = tmp_path / "default"
-    proc = run_train([f"output_dir={out}", "train.max_steps=12", "train.save_every=5"], nprocs=2)
+    proc = run_train([f"output_dir={out}", "eval.mmlu.every_checkpoint=auto", "logging.tensorboard=true",
+                      "logging.wandb=true"], nprocs=2, env={"WANDB_MODE": "offline"})
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         assert {"step", "loss", "lr_groups", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"} <= r.keys()
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
     assert sum(r["loss"] for r in rows[-3:]) / 3 < rows[0]["loss"], "loss did not fall"
     assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
-    # checkpoints every 5 steps and at the end
+    saved = list(range(every, steps + 1, every)) + ([] if steps % every == 0 else [steps])
+    assert len(saved) >= 3
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
-    assert ckpts == ["step-10", "step-12", "step-5"] and (out / "checkpoints" / "latest").read_text() == "step-12\n"
+    assert ckpts == sorted(f"step-{s}" for s in saved)
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{steps}\n"
     for name in ckpts:
         adapter = out / "checkpoints" / name / "adapter"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
         assert any((out / "checkpoints" / name / "deepspeed").iterdir())
-    # the resolved config reads back, and records the real model and data paths
-    from pipeline.config import make_config
-
-    cfg = make_config(out / "config.yaml")
-    assert cfg.train.max_steps == 12 and Path(cfg.model.name_or_path).is_dir() and Path(cfg.data.path).is_file()
+    cfg = make_config(out / "config.yaml")  # the resolved config reads back, with the real model and data paths
+    assert cfg.train.max_steps == steps and Path(cfg.model.name_or_path).is_dir() and Path(cfg.data.path).is_file()
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["train_batch_size"] == 8 * 1 * 2 and ds["zero_optimization"]["stage"] == 2
     assert "LoRA+ param groups" in proc.stdout and "Traceback" not in proc.stderr
+
+    # MMLU: the base model as step 0 and every checkpoint; the best clearly above the base
+    scores = {r["step"]: r for r in map(json.loads, (out / "mmlu.jsonl").read_text().splitlines())}
+    assert sorted(scores) == [0, *saved]
+    base = scores[0]
+    best = max((r for r in scores.values() if r["step"] > 0), key=lambda r: (r["acc"], -r["step"]))
+    gap = best["acc"] - base["acc"]
+    assert gap > 2 * math.hypot(best["acc_stderr"], base["acc_stderr"]), scores
+    assert (out / "checkpoints" / "best").read_text() == f"step-{best['step']}\n"
+    table = proc.stdout[proc.stdout.index("# MMLU by checkpoint"):]
+    assert "| 0 (base model) |" in table and f"| {best['step']} **best** |" in table
+    assert "so the difference is larger than its stderr" in table
+    for png in ("mmlu.png", "loss.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG"), png
+
+    # TensorBoard, through its own reader: every step, lambda at every step, the scores at their steps
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert sorted(tb["train/loss"]) == list(range(1, steps + 1))
+    for r in rows:
+        assert tb["train/loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+        lr_a, lr_b = tb["train/lr/lora_A"][r["step"]], tb["train/lr/lora_B"][r["step"]]
+        assert lr_b == pytest.approx(ratio * lr_a, rel=1e-6) and lr_a == pytest.approx(r["lr_groups"]["lora_A"])
+    for key in ("train/grad_norm", "train/tokens_per_s", "train/mem_peak_gb"):
+        assert sorted(tb[key]) == list(range(1, steps + 1)), key
+    assert {s: round(v, 4) for s, v in tb["eval/mmlu/acc"].items()} == {s: round(r["acc"], 4)
+                                                                       for s, r in scores.items()}
+    assert sorted(tb["eval/mmlu/stem"]) == sorted(scores)
+
+    # W&B offline: the same history, in the files `wandb sync` would upload; the config logged once
+    history = wandb_history(out / "wandb")
+    logged = {h["step"]: h["train/loss"] for h in history if "train/loss" in h}
+    assert sorted(logged) == list(range(1, steps + 1))
+    assert all(logged[r["step"]] == pytest.approx(r["loss"]) for r in rows)
+    assert {h["step"]: h["eval/mmlu/acc"] for h in history if "eval/mmlu/acc" in h} == {
+        s: pytest.approx(r["acc"]) for s, r in scores.items()}
+    runs = [r.run for f in (out / "wandb").glob("offline-run-*/run-*.wandb") for r in wandb_records(f)
+            if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 1 and runs[0].run_id == json.loads((out / "trackers.json").read_text())["wandb_id"]
+    config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
+    assert config["optim"]["loraplus_ratio"] == ratio and config["train"]["save_every"] == every
+
+    # export --best: the checkpoint checkpoints/best names
+    export = [sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint"]
+    done = subprocess.run([*export, str(out), "--best", "--out", str(tmp_path / "best")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    chosen = out / "checkpoints" / f"step-{best['step']}" / "adapter" / "adapter_model.safetensors"
+    assert (tmp_path / "best" / "adapter_model.safetensors").read_bytes() == chosen.read_bytes()
+    (tmp_path / "nobest" / "checkpoints").mkdir(parents=True)
+    refused = subprocess.run([*export, str(tmp_path / "nobest"), "--best", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "has no checkpoints/best" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()
 
 
 def test_zero3_embedding_adapter_from_a_relative_model_path(runs_root, tiny_model_dir, tmp_path):
