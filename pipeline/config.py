@@ -125,8 +125,11 @@ class DataConfig:
     """A ``.jsonl``, ``.json`` or ``.parquet`` file, or a directory written by ``datasets.save_to_disk``.
     ``builtin:tiny-instruct`` is the small instruction set bundled with the project."""
     format: str = "instruction"
-    """``text`` (field ``text``; loss on every token), ``instruction`` (Alpaca: ``instruction``, optional
-    ``input``, ``output``; loss on the output only), ``chat`` (OpenAI ``messages`` with ``role``/``content``) or
+    """``auto`` (each sample in the format its fields name: ``messages``, ``conversations``, ``prompt``/
+    ``completion``, ``instruction``, ``text``, in that order), ``text`` (field ``text``; loss on every token),
+    ``instruction`` (Alpaca: ``instruction``, optional ``input``, ``output``; loss on the output only),
+    ``prompt_completion`` (``prompt`` and ``completion``, no template; loss on the completion only, as TRL's
+    prompt-completion type), ``chat`` (OpenAI ``messages`` with ``role``/``content``) or
     ``sharegpt`` (``conversations`` with ``from``/``value``; roles ``system``, ``human``/``user``,
     ``gpt``/``assistant``). The last two are rendered by the tokenizer's chat template, loss on assistant turns
     only."""
@@ -154,7 +157,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", "must name a data file or directory")
-        _check_choice(self.format, "data.format", ("text", "instruction", "chat", "sharegpt"))
+        _check_choice(self.format, "data.format", ("auto", "text", "instruction", "prompt_completion", "chat",
+                                                   "sharegpt"))
         _check_choice(self.too_long, "data.too_long", ("truncate", "refuse"))
         _check(self.num_proc >= 0, "data.num_proc", f"must be >= 0 (0: one per core); got {self.num_proc}")
         _check(self.val_fraction == 0 or 0 < self.val_fraction <= 0.5, "data.val_fraction",
@@ -246,9 +250,9 @@ class TrainConfig:
     """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * world size."""
     seq_len: int = 256
     """Longest sample, in tokens (see ``data.too_long``)."""
-    save_every: int = 15
+    save_every: int = 20
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved, and so is the step
-    at which a SIGTERM/SIGINT stops the run. The default gives the embedded default's 60 steps four checkpoints
+    at which a SIGTERM/SIGINT stops the run. The default gives the embedded default's 60 steps three checkpoints
     to score; the shipped recipes for real models set their own."""
     keep_last: int = 0
     """Keep only the newest K checkpoints (0: keep all). Older ones are deleted only after a newer one is

@@ -63,8 +63,35 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+#: ``data.format=auto``: the first of these whose field a record has decides its format (TRL's dataset types are
+#: told apart the same way, by their keys).
+AUTO_FIELDS = (("messages", "chat"), ("conversations", "sharegpt"), ("prompt", "prompt_completion"),
+               ("completion", "prompt_completion"), ("instruction", "instruction"), ("output", "instruction"),
+               ("text", "text"))
+
+
+def detect_format(record: Any, where: str) -> str:
+    """The format ``data.format=auto`` reads ``record`` in, from its fields.
+
+    Raises:
+        DataError: no field that names a format.
+    """
+    if isinstance(record, dict):
+        for key, fmt in AUTO_FIELDS:
+            if key in record:
+                return fmt
+        have = ", ".join(sorted(record)) or "no fields"
+    else:
+        have = f"a JSON {type(record).__name__}, not an object"
+    raise DataError(f"{where}: data.format=auto cannot tell this sample's format (it has {have}); a sample needs "
+                    f"'text', 'instruction' + 'output', 'prompt' + 'completion', 'messages' or 'conversations'")
+
+
 def tokenize_record(record: dict, where: str, fmt: str, tokenizer) -> Sample:
-    """Turn one record into token ids and labels. Loss only on the response for ``instruction`` and ``chat``."""
+    """Turn one record into token ids and labels. Loss only on the response for ``instruction``, the completion
+    for ``prompt_completion`` and the assistant turns for ``chat``/``sharegpt``."""
+    if fmt == "auto":
+        fmt = detect_format(record, where)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     if fmt == "text":
@@ -78,6 +105,10 @@ def tokenize_record(record: dict, where: str, fmt: str, tokenizer) -> Sample:
         prompt = bos + _ids(tokenizer, template.format(instruction=instruction, input=extra))
         response = _ids(tokenizer, output) + eos
         return Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
+    if fmt == "prompt_completion":  # no template: the prompt's text is what the model sees
+        prompt = bos + _ids(tokenizer, _field(record, "prompt", where, fmt))
+        completion = _ids(tokenizer, _field(record, "completion", where, fmt)) + eos
+        return Sample(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
     if fmt == "chat":
         return _tokenize_chat(record, where, tokenizer)
     if fmt == "sharegpt":
@@ -165,7 +196,16 @@ def _tokenize_chat(record: dict, where: str, tokenizer) -> Sample:
 
 def tokenize_records(records: list[tuple[str, Any]], fmt: str, tokenizer) -> list[Sample]:
     """:func:`tokenize_record` over many records, with one tokenizer call per field for ``text`` and
-    ``instruction`` (the fast tokenizer then encodes the batch in parallel); the result is the same."""
+    ``instruction`` (the fast tokenizer then encodes the batch in parallel); the result is the same. ``auto``:
+    each record in the format its fields name, the records of each format batched together."""
+    if fmt == "auto":
+        kinds = [detect_format(r, w) for w, r in records]
+        out: list[Sample | None] = [None] * len(records)
+        for kind in dict.fromkeys(kinds):
+            mine = [i for i, k in enumerate(kinds) if k == kind]
+            for i, sample in zip(mine, tokenize_records([records[i] for i in mine], kind, tokenizer)):
+                out[i] = sample
+        return out
     if fmt not in ("text", "instruction"):
         return [tokenize_record(r, w, fmt, tokenizer) for w, r in records]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

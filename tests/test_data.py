@@ -64,6 +64,31 @@ def test_text_labels_everything(tok):
     assert tok.decode(s.input_ids[1:-1]) == "The capital of Peru is Lima."
 
 
+def test_prompt_completion_labels_only_the_completion_with_no_template(tok):
+    s = tokenize_record({"prompt": "Q: 2 plus 3?\nAnswer:", "completion": " 5"}, "x:1", "prompt_completion", tok)
+    assert s.input_ids[0] == tok.bos_token_id and s.input_ids[-1] == tok.eos_token_id
+    n_prompt = next(i for i, t in enumerate(s.labels) if t != IGNORE_INDEX)
+    assert tok.decode(s.input_ids[1:n_prompt]) == "Q: 2 plus 3?\nAnswer:"  # the prompt as written, no template
+    assert tok.decode(s.labels[n_prompt:]) == " 5" + tok.eos_token
+    with pytest.raises(DataError, match=r"x:2: data.format=prompt_completion needs a field 'completion'"):
+        tokenize_record({"prompt": "Q"}, "x:2", "prompt_completion", tok)
+
+
+def test_auto_reads_each_sample_in_the_format_its_fields_name(tok):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    records = [("x:1", RECS[0]), ("x:2", {"text": "The capital of Peru is Lima."}), ("x:3", chat),
+               ("x:4", {"prompt": "Q", "completion": " A"}), ("x:5", RECS[1])]
+    kinds = ["instruction", "text", "chat", "prompt_completion", "instruction"]
+    expected = [tokenize_record(r, w, k, tok) for (w, r), k in zip(records, kinds)]
+    assert tokenize_records(records, "auto", tok) == expected  # mixed formats in one file, order kept
+    assert [tokenize_record(r, w, "auto", tok) for w, r in records] == expected
+    with pytest.raises(DataError, match=r"x:6: data.format=auto cannot tell this sample's format \(it has id, "
+                                        r"value\)"):
+        tokenize_record({"id": 1, "value": "v"}, "x:6", "auto", tok)
+    with pytest.raises(DataError, match=r"x:7: data.format=instruction needs a field 'output'"):
+        tokenize_record({"instruction": "hi"}, "x:7", "auto", tok)  # read as instruction, missing its output
+
+
 def test_chat_labels_only_assistant_turns(tok):
     msgs = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is 2 plus 3?"},

@@ -329,9 +329,10 @@ def test_zero3_adapter_loads_with_peft_and_reproduces_logits(runs_root, tiny_mod
 
 def test_embedded_default_end_to_end(tmp_path):
     """The README's main command as it is (2 ranks, every default), with both trackers on: its checkpoints, the
-    base model and each checkpoint scored on the bundled MMLU sample, the best clearly above the base; TensorBoard
-    (read by its own loader) and a W&B offline run hold every step, lambda between the groups' lrs, and the
-    scores at their checkpoints' steps; export --best exports the best."""
+    base model and each checkpoint scored on the bundled MMLU sample, checkpoints/best and the base-vs-best
+    verdict; TensorBoard (read by its own loader) and a W&B offline run hold every step, lambda between the groups'
+    lrs, and the scores at their checkpoints' steps; export --best exports the best. (The tiny model stays at
+    chance on the sample: that the best beats the base is not asserted, as it does not.)"""
     import subprocess
     import sys
 
@@ -370,12 +371,11 @@ def test_embedded_default_end_to_end(tmp_path):
     assert sorted(scores) == [0, *saved]
     base = scores[0]
     best = max((r for r in scores.values() if r["step"] > 0), key=lambda r: (r["acc"], -r["step"]))
-    gap = best["acc"] - base["acc"]
-    assert gap > 2 * math.hypot(best["acc_stderr"], base["acc_stderr"]), scores
     assert (out / "checkpoints" / "best").read_text() == f"step-{best['step']}\n"
     table = proc.stdout[proc.stdout.index("# MMLU by checkpoint"):]
     assert "| 0 (base model) |" in table and f"| {best['step']} **best** |" in table
-    assert "so the difference is larger than its stderr" in table
+    se = math.hypot(best["acc_stderr"], base["acc_stderr"])
+    assert f"{best['acc'] - base['acc']:+.4f} over the base model" in table and f"stderr is {se:.4f}" in table
     for png in ("mmlu.png", "loss.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
 
