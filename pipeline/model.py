@@ -82,6 +82,17 @@ def shape_config(shape, **kwargs):
     return LlamaConfig(**shape.declared(), **kwargs)
 
 
+def load_run_tokenizer(cfg):
+    """The run's tokenizer (``model.name_or_path``), checked against ``model.shape`` for random weights."""
+    from pipeline.errors import UserError
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if cfg.model.random_init and len(tokenizer) > cfg.model.shape.vocab_size:
+        raise UserError(f"the tokenizer of {cfg.model.name_or_path} has {len(tokenizer):,} tokens, more than "
+                        f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
+    return tokenizer
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
