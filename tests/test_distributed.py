@@ -264,7 +264,7 @@ def test_bf16_checkpoint_exports_and_scores_on_mmlu(runs_root, tmp_path):
     shutil.copytree(out, scored)
     shutil.rmtree(scored / "checkpoints" / "step-3")
     watch = [sys.executable, str(REPO / "eval" / "watch.py"), "--run", str(scored), "--once", "--mmlu-data",
-             "sample", "--limit", "1", "--batch-size", "16"]
+             "sample", "--limit", "1", "--batch-size", "16", "--no-base"]
     proc = subprocess.run(watch, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (scored / "mmlu.jsonl").read_text().splitlines()]
