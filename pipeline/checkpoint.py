@@ -52,12 +52,12 @@ ENGINE_TAG = "deepspeed"
 STEP_RE = re.compile(r"step-(\d+)")
 MANIFEST = "manifest.json"
 BEST = "best"  # checkpoints/best: the pointer pipeline/mmlu_report.choose_best writes
-BEST_LOCK = ".best.lock"  # held while the pointer is chosen and while keep_last deletes
+BEST_LOCK = ".best.lock"  # output_dir/.best.lock: held while the pointer is chosen and while keep_last deletes
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "val.jsonl", "deepspeed_config.json", "checkpoints")
 # What a run writes beside them (scores, plots, trackers): deleted with it by --overwrite, so a new run's scores
 # are never taken for the old run's ("a step already in mmlu.jsonl is never appended twice").
-RUN_OUTPUTS = ("mmlu.jsonl", "mmlu.md", "mmlu.png", "mmlu.log", ".mmlu.lock", "loss.png", "base", "tensorboard",
-               "trackers.json", "wandb")
+RUN_OUTPUTS = ("mmlu.jsonl", "mmlu.md", "mmlu.png", "mmlu.log", ".mmlu.lock", ".best.lock", "loss.png", "base",
+               "tensorboard", "trackers.json", "wandb")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -191,7 +191,7 @@ def _retain(output_dir: Path, keep_last: int) -> None:
     Runs after a save is sealed."""
     if keep_last <= 0:
         return
-    with locked(checkpoints_dir(output_dir) / BEST_LOCK):  # not while a scorer moves the pointer
+    with locked(output_dir / BEST_LOCK):  # not while a scorer moves the pointer
         keep = best_name(output_dir)
         for _, path in sealed_steps(output_dir)[keep_last:]:
             if path.name != keep:

@@ -81,7 +81,7 @@ def choose_best(output_dir: Path) -> str | None:
     root = checkpoint.checkpoints_dir(output_dir)
     if not root.is_dir():
         return None
-    with locked(root / checkpoint.BEST_LOCK):
+    with locked(output_dir / checkpoint.BEST_LOCK):
         on_disk = {step for step, _ in checkpoint.sealed_steps(output_dir)}
         top = best([r for r in read_rows(output_dir) if r["step"] in on_disk])
         if top is None:

@@ -51,16 +51,18 @@ def run(req, rt, plan, built, ds_config: dict, info, log, watch, data, pad_id: i
         mmlu_scorer.stop()
         raise
     watch.leave()  # the others may end now; rank 0 may still score below
-    if info.rank == 0:
-        from pipeline.mmlu_report import plot_losses
+    from pipeline.mmlu_report import plot_losses
 
-        plot_losses(output_dir)
-    if signum:
+    if signum:  # say so first: the launcher may forward the signal again (then the exit is at once, as 128 + it)
         mmlu_scorer.stop()
         log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
                   f"same command again to resume")
         log.close()
+        if info.rank == 0:
+            plot_losses(output_dir)
         sys.exit(128 + signum)
+    if info.rank == 0:
+        plot_losses(output_dir)
     log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'} "
               f"(plot: loss.png), checkpoints in {output_dir / 'checkpoints'}")
     if mmlu_scorer.active:
