@@ -21,16 +21,8 @@ from pipeline.files import atomic_write_text, locked
 
 
 def read_rows(output_dir: Path) -> list[dict]:
-    path = output_dir / "mmlu.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return sorted(rows, key=lambda r: r["step"])
+    """The rows of ``mmlu.jsonl`` by step (a line cut short by a crash skipped)."""
+    return [row for _, row in sorted(_jsonl(output_dir / "mmlu.jsonl"), key=lambda sr: sr[0])]
 
 
 SETTING = ("data", "num_fewshot", "limit")
