@@ -142,8 +142,11 @@ def main(argv=None) -> None:
                         "training process logs them)")
     add_eval_args(p)
     args = p.parse_args(argv)
-    check_eval_args(args)
     run = Path(args.run).expanduser().resolve()
+    if args.num_fewshot is None:  # the shots the run's own scorer uses, so that both fill one table
+        shots = str(((run_config(run).get("eval") or {}).get("mmlu") or {}).get("num_fewshot", ""))
+        args.num_fewshot = int(shots) if shots.isdigit() else None
+    check_eval_args(args)
     if not (run / "checkpoints").is_dir() and not (run / "config.yaml").is_file():
         raise UserError(f"--run {run} is not a training run's output_dir (no config.yaml or checkpoints/)")
     from pipeline import mmlu

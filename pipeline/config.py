@@ -124,8 +124,8 @@ class DataConfig:
     path: str = BUILTIN_DATA
     """A ``.jsonl``, ``.json`` or ``.parquet`` file, or a directory written by ``datasets.save_to_disk``.
     ``builtin:tiny-instruct`` is the small instruction set bundled with the project."""
-    format: str = "instruction"
-    """``auto`` (each sample in the format its fields name: ``messages``, ``conversations``, ``prompt``/
+    format: str = "auto"
+    """``auto`` (the default: each sample in the format its fields name: ``messages``, ``conversations``, ``prompt``/
     ``completion``, ``instruction``, ``text``, in that order), ``text`` (field ``text``; loss on every token),
     ``instruction`` (Alpaca: ``instruction``, optional ``input``, ``output``; loss on the output only),
     ``prompt_completion`` (``prompt`` and ``completion``, no template; loss on the completion only, as TRL's
@@ -191,8 +191,9 @@ class LoraConfig:
 class OptimConfig:
     """The LoRA+ optimizer."""
 
-    lr: float = 2e-4
-    """Learning rate of the LoRA A matrices (and of any other trainable non-LoRA parameter)."""
+    lr: float = 1e-3
+    """Learning rate of the LoRA A matrices (and of any other trainable non-LoRA parameter). The default suits
+    the embedded tiny model; the shipped 7B-70B recipes set 5e-5 to 1e-4."""
     loraplus_ratio: float = 16.0
     """lambda = lr_B / lr_A. 1 gives plain LoRA."""
     loraplus_lr_embedding: float = 1e-6
@@ -242,7 +243,7 @@ class ScheduleConfig:
 class TrainConfig:
     """Steps, batch shape and checkpoint cadence."""
 
-    max_steps: int = 60
+    max_steps: int = 150
     """Optimizer steps to run."""
     micro_batch_size: int = 8
     """Samples per rank per forward pass (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
@@ -250,7 +251,7 @@ class TrainConfig:
     """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * world size."""
     seq_len: int = 256
     """Longest sample, in tokens (see ``data.too_long``)."""
-    save_every: int = 20
+    save_every: int = 50
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved, and so is the step
     at which a SIGTERM/SIGINT stops the run. The default gives the embedded default's 60 steps three checkpoints
     to score; the shipped recipes for real models set their own."""
@@ -300,8 +301,9 @@ class MmluEvalConfig:
     only (a CPU scorer beside a real model's training would compete for host memory)."""
     data: str = "sample"
     """A local cais/mmlu copy (hub or CSV layout), or ``sample`` (the bundled stand-in, for the tiny default)."""
-    num_fewshot: int = 5
-    """Shots per question, from each subject's dev split."""
+    num_fewshot: str = "auto"
+    """Shots per question, from each subject's dev split: a number, or ``auto``: 5 (MMLU's standard), and 0 for the
+    embedded tiny model (2 layers, pretrained on ~20-token texts: a 300-token 5-shot prompt is beyond it)."""
     limit: int = 0
     """Score only the first K questions of each subject (0: all)."""
     batch_size: str = "auto"
@@ -313,7 +315,8 @@ class MmluEvalConfig:
     def __post_init__(self) -> None:
         _check(self.every_checkpoint in ("auto", "true", "false"), "eval.mmlu.every_checkpoint",
                f"must be true, false or auto; got {self.every_checkpoint!r}")
-        _check(self.num_fewshot >= 0, "eval.mmlu.num_fewshot", f"must be >= 0; got {self.num_fewshot}")
+        _check(self.num_fewshot == "auto" or self.num_fewshot.isdigit(), "eval.mmlu.num_fewshot",
+               f"must be a number >= 0 or auto; got {self.num_fewshot!r}")
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
                f"must be a number or 'auto'; got {self.batch_size!r}")

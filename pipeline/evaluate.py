@@ -6,6 +6,7 @@ lm-evaluation-harness. Every number is lm-eval's: its ``hf`` model class, its bu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -27,7 +28,8 @@ def add_eval_args(p) -> None:
     """Add the options eval/mmlu.py and eval/watch.py share to the argparse parser ``p``."""
     p.add_argument("--mmlu-data", help="local cais/mmlu copy (hub or CSV layout), or 'sample' for the bundled one")
     p.add_argument("--hub", action="store_true", help="read cais/mmlu from the Hugging Face hub (needs network)")
-    p.add_argument("--num-fewshot", type=int, default=5, help="shots from each subject's dev split (default 5)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="shots from each subject's dev split (default 5; eval/watch.py: the run's own)")
     p.add_argument("--batch-size", default="auto",
                    help=f"lm-eval batch size: a number or 'auto' (default; lm-eval's search on a GPU, "
                         f"{CPU_BATCH_SIZE} on CPU)")
@@ -40,6 +42,8 @@ def add_eval_args(p) -> None:
 
 
 def check_eval_args(args) -> None:
+    if args.num_fewshot is None:
+        args.num_fewshot = 5
     if args.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0; got {args.num_fewshot}")
     if args.limit is not None and args.limit < 1:
@@ -98,8 +102,6 @@ class Target:
     def identity(self) -> dict:
         ident = {"base": str(self.base), "adapter": str(self.adapter) if self.adapter else None, "step": self.step}
         if self.adapter:
-            import hashlib
-
             with open(self.adapter / "adapter_model.safetensors", "rb") as f:
                 ident["adapter_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
         return ident
@@ -132,11 +134,25 @@ def target(path: Path, base: str | None = None) -> Target:
                     f"Face model directory (config.json)")
 
 
-def group_yaml(data: Path) -> str:
-    """An lm-eval group that is the built-in ``mmlu`` with only its ``dataset_path`` pointed at ``data``
-    (the form lm-eval 0.4.13 accepts; FACTS.md)."""
-    return (f"group: mmlu_local\ntask:\n  - group: mmlu\n    dataset_path: {json.dumps(str(data))}\n"
+def group_yaml(data: Path, cache: Path | None = None) -> str:
+    """An lm-eval group that is the built-in ``mmlu`` with its ``dataset_path`` pointed at ``data`` (the form
+    lm-eval 0.4.13 accepts; FACTS.md), and ``datasets``' cache at ``cache``: see :func:`datasets_cache`."""
+    kwargs = f"    dataset_kwargs:\n      cache_dir: {json.dumps(str(cache))}\n" if cache is not None else ""
+    return (f"group: mmlu_local\ntask:\n  - group: mmlu\n    dataset_path: {json.dumps(str(data))}\n{kwargs}"
             f"aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+
+
+def datasets_cache(data: Path) -> Path:
+    """A ``datasets`` cache directory for the local MMLU copy ``data``, keyed by its files' names, sizes and
+    times. Offline, ``datasets`` keys its cache of a local directory by the directory's name alone and reads the
+    copy it made the first time, even after the files changed (measured with datasets 4: a rewritten sample was
+    scored as the old one); a key of the files' own makes a changed copy a new cache."""
+    from pipeline.tiny import cache_dir
+
+    files = sorted(f for f in data.rglob("*") if f.is_file())
+    key = hashlib.sha256(json.dumps([(str(f.relative_to(data)), f.stat().st_size, f.stat().st_mtime_ns)
+                                     for f in files]).encode()).hexdigest()[:16]
+    return cache_dir() / "mmlu-datasets" / key
 
 
 def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, limit: int | None, device: str,
@@ -169,7 +185,7 @@ def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, lim
     mmlu_tasks = str(Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default")
     with tempfile.TemporaryDirectory() as include:
         if data is not None:
-            Path(include, "mmlu_local.yaml").write_text(group_yaml(data))
+            Path(include, "mmlu_local.yaml").write_text(group_yaml(data, datasets_cache(data)))
             tasks, manager = ["mmlu_local"], TaskManager(include_path=[include, mmlu_tasks], include_defaults=False)
         else:
             tasks, manager = ["mmlu"], TaskManager(include_path=[mmlu_tasks], include_defaults=False)

@@ -197,27 +197,49 @@ def _read_csv(path: Path) -> list[dict]:
 # The bundled sample: questions this project writes itself, in the hub layout
 
 
+def word_kinds() -> list[tuple[str, list[str]]]:
+    """The four kinds of word the bundled questions ask about, in their one fixed order as choices, with the
+    words of each kind that the bundled training data uses (``pipeline/tiny.py``)."""
+    from pipeline import tiny
+
+    return [("a city", sorted(tiny.CAPITALS.values())), ("a number", list(tiny.NUMBER_WORDS)),
+            ("a describing word", sorted(set(tiny.OPPOSITES) | set(tiny.OPPOSITES.values()))),
+            ("a thing", sorted(tiny.WORDS))]
+
+
+def question(rng: random.Random, subject: str) -> dict:
+    """One question of the bundled sample's kind: what kind of word a word is. The choices are the four kinds,
+    always in the same order (as MMLU's ``moral_scenarios`` keeps its four choices fixed), so the answer follows
+    from the word alone; its letter is uniform over A-D. Phrased per subject."""
+    kinds = word_kinds()
+    answer = rng.randrange(4)
+    word = rng.choice(kinds[answer][1])
+    return {"question": f"In {subject.replace('_', ' ')}, what kind of word is \"{word}\"?",
+            "choices": [k for k, _ in kinds], "answer": answer}
+
+
+def zero_shot_prompt(row: dict, subject: str) -> str:
+    """``row`` exactly as lm-eval's ``mmlu`` task puts it to the model with no shots: the subject's description,
+    then ``doc_to_text`` (question, lettered choices, ``Answer:``); the answer is the continuation `` X``."""
+    choices = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", row["choices"]))
+    return (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            f"{row['question'].strip()}{choices}\nAnswer:")
+
+
 def sample_rows(seed: int = 0, dev: int = 5, test: int = 4) -> dict[str, dict[str, list[dict]]]:
-    """Simple arithmetic and ordering questions, phrased per subject, with seeded answers. Not MMLU's content:
-    a stand-in with MMLU's shape (57 subjects, 4 choices, dev/validation/test) for tests and the default run."""
+    """The bundled sample: :func:`question` for every subject, with seeded answers. Not MMLU's content: a stand-in
+    with MMLU's shape (57 subjects, 4 choices, dev/validation/test) whose kind of question the bundled training
+    data teaches (never these questions themselves; see ``pipeline/tiny.py``)."""
     rng = random.Random(seed)
-    out = {}
-    for subject in subjects():
-        topic = subject.replace("_", " ")
-        out[subject] = {}
-        for split, count in (("dev", dev), ("validation", 1), ("test", test)):
-            rows = []
-            for _ in range(count):
-                a, b = rng.randint(2, 60), rng.randint(2, 60)
-                right = a + b
-                wrong = rng.sample([x for x in range(right - 9, right + 10) if x != right and x > 0], 3)
-                choices = [str(x) for x in wrong]
-                answer = rng.randint(0, 3)
-                choices.insert(answer, str(right))
-                rows.append({"question": f"In a {topic} exercise, a count of {a} grows by {b}. What is the "
-                                         f"new count?", "choices": choices, "answer": answer})
-            out[subject][split] = rows
-    return out
+    return {subject: {split: [question(rng, subject) for _ in range(count)]
+                      for split, count in (("dev", dev), ("validation", 1), ("test", test))}
+            for subject in subjects()}
+
+
+def sample_questions() -> set[tuple[str, tuple[str, ...]]]:
+    """(question, choices) of every row of the bundled sample, of every split: the training data never holds one."""
+    return {(r["question"], tuple(r["choices"])) for splits in sample_rows().values() for rows in splits.values()
+            for r in rows}
 
 
 def write_sample(out: Path = SAMPLE) -> None:

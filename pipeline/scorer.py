@@ -27,6 +27,13 @@ def enabled(cfg: MmluEvalConfig, model_is_builtin: bool) -> bool:
     return cfg.every_checkpoint == "true" or (cfg.every_checkpoint == "auto" and model_is_builtin)
 
 
+def shots(cfg: MmluEvalConfig, model_is_builtin: bool) -> int:
+    """``eval.mmlu.num_fewshot``: ``auto`` means 5, MMLU's standard, and 0 for the embedded tiny model."""
+    if cfg.num_fewshot == "auto":
+        return 0 if model_is_builtin else 5
+    return int(cfg.num_fewshot)
+
+
 def check_device(device: str, on_gpu: bool, active: bool) -> None:
     """Refuse an ``eval.mmlu.device`` the scorer could not use, before training starts.
 

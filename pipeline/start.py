@@ -75,7 +75,11 @@ def check_request(args) -> Request:
     cfg = make_config(args.config, args.overrides, args.deepspeed_config)
     ds_path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
     ds_json = dist.read_ds_json(ds_path)
-    scoring = scorer.enabled(cfg.eval.mmlu, model_is_builtin=cfg.model.name_or_path == tiny.BUILTIN_MODEL)
+    builtin = cfg.model.name_or_path == tiny.BUILTIN_MODEL
+    scoring = scorer.enabled(cfg.eval.mmlu, model_is_builtin=builtin)
+    # eval.mmlu.num_fewshot=auto resolved here, once: config.yaml and the scorer see the number
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mmlu=dataclasses.replace(
+        cfg.eval.mmlu, num_fewshot=str(scorer.shots(cfg.eval.mmlu, model_is_builtin=builtin)))))
     if cfg.model.random_init and scoring:
         if cfg.eval.mmlu.every_checkpoint == "true":
             raise UserError("eval.mmlu.every_checkpoint=true cannot score model.random_init runs: their adapters "
@@ -98,7 +102,7 @@ def check_request(args) -> Request:
     if scoring:  # bad MMLU data is found now, not in mmlu.log after the first checkpoint
         from pipeline import mmlu
 
-        mmlu.resolve(cfg.eval.mmlu.data, cfg.eval.mmlu.num_fewshot, tiny.cache_dir())
+        mmlu.resolve(cfg.eval.mmlu.data, int(cfg.eval.mmlu.num_fewshot), tiny.cache_dir())
     continuing = checkpoint.holds_run(output_dir) and not args.overwrite
     peer_timeout = watchdog.timeout_from_env()
     if continuing:

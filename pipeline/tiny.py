@@ -1,4 +1,5 @@
-"""The embedded default: a bundled instruction dataset and a tiny Llama built offline.
+"""The embedded default: a bundled dataset (instruction tasks, and multiple-choice questions in MMLU's layout from
+the bundled MMLU sample's generator) and a tiny Llama built offline.
 
 Nothing here downloads. ``python -m pipeline.tiny`` rewrites the bundled dataset (deterministic; a test checks
 that the committed file equals what this module generates). The tiny model is built on first use by
@@ -20,7 +21,7 @@ from pipeline.config import BUILTIN_DATA, BUILTIN_MODEL
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_DATA = ASSETS / "tiny_instruct.jsonl"
-TINY_VERSION = "v1"  # bump when the tiny model or tokenizer recipe changes: the cache key includes it
+TINY_VERSION = "v2"  # bump when the tiny model or tokenizer recipe changes: the cache key includes it
 
 # A Llama-style chat template (role headers, EOS-terminated turns). Prefix-stable: rendering the first k
 # messages yields a prefix of rendering all of them, which response-only labelling relies on.
@@ -29,56 +30,88 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_COUNTRIES = {
+CAPITALS = {
     "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
     "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo", "Chile": "Santiago",
     "Greece": "Athens", "Poland": "Warsaw", "India": "New Delhi", "Cuba": "Havana", "Ireland": "Dublin",
     "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm", "Finland": "Helsinki", "Ghana": "Accra",
 }
-_OPPOSITES = {
+OPPOSITES = {
     "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "early": "late",
     "happy": "sad", "open": "closed", "full": "empty", "strong": "weak", "old": "new", "high": "low",
     "wet": "dry", "loud": "quiet", "rich": "poor", "hard": "soft", "near": "far", "first": "last",
 }
-_WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "silver", "forest", "planet", "candle",
-          "bridge", "yellow", "winter", "rocket", "pencil", "tiger", "ocean", "castle", "mirror", "violin"]
-_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "silver", "forest", "planet", "candle",
+         "bridge", "yellow", "winter", "rocket", "pencil", "tiger", "ocean", "castle", "mirror", "violin"]
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def _example(rng: random.Random) -> dict[str, str]:
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind == 0:
         a, b = rng.randrange(50), rng.randrange(50)
         return {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
     if kind == 1:
-        country = rng.choice(sorted(_COUNTRIES))
+        country = rng.choice(sorted(CAPITALS))
         return {"instruction": f"What is the capital of {country}?", "input": "",
-                "output": f"The capital of {country} is {_COUNTRIES[country]}."}
+                "output": f"The capital of {country} is {CAPITALS[country]}."}
     if kind == 2:
-        word = rng.choice(sorted(_OPPOSITES))
+        word = rng.choice(sorted(OPPOSITES))
         return {"instruction": "Give the opposite of the word.", "input": word,
-                "output": f"The opposite of {word} is {_OPPOSITES[word]}."}
+                "output": f"The opposite of {word} is {OPPOSITES[word]}."}
     if kind == 3:
-        word = rng.choice(_WORDS)
+        word = rng.choice(WORDS)
         return {"instruction": "Spell the word backwards.", "input": word, "output": word[::-1]}
     if kind == 4:
         digits = [rng.randrange(10) for _ in range(rng.randrange(2, 6))]
         return {"instruction": "Write these digits as words.", "input": " ".join(map(str, digits)),
-                "output": " ".join(_NUMBER_WORDS[d] for d in digits)}
-    words = rng.sample(_WORDS, rng.randrange(3, 6))
+                "output": " ".join(NUMBER_WORDS[d] for d in digits)}
+    if kind == 5:  # the base model meets " A" .. " D", MMLU's answer letters, as often as any other letter
+        letter = rng.choice(_LETTERS[:-1])
+        after = _LETTERS[_LETTERS.index(letter) + 1]
+        return {"instruction": f"Which letter comes after {letter}?", "input": "",
+                "output": f"The letter after {letter} is {after}."}
+    words = rng.sample(WORDS, rng.randrange(3, 6))
     return {"instruction": "Sort these words alphabetically.", "input": ", ".join(words),
             "output": ", ".join(sorted(words))}
 
 
 def generate_dataset(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
-    """The bundled instruction set: short templated tasks a tiny model visibly learns within minutes."""
+    """The bundled instruction tasks: short templated tasks a tiny model visibly learns within minutes."""
     rng = random.Random(seed)
     return [_example(rng) for _ in range(n)]
 
 
+MULTIPLE_CHOICE = 3000  # of the bundled file's 5,000 lines: enough that 60 steps lift the MMLU sample off chance
+
+
+def multiple_choice(n: int = MULTIPLE_CHOICE, seed: int = 1) -> list[dict[str, str]]:
+    """``prompt``/``completion`` records in MMLU's prompt layout, exactly as lm-eval's ``mmlu`` task puts a
+    question with no shots, drawn from the generator of the bundled MMLU sample (``mmlu.question``) and never one
+    of the sample's own questions (question and choices); the completion is the answer, `` X``."""
+    from pipeline import mmlu
+
+    rng, subjects, banned = random.Random(seed), list(mmlu.subjects()), mmlu.sample_questions()
+    out = []
+    while len(out) < n:
+        subject = rng.choice(subjects)
+        row = mmlu.question(rng, subject)
+        if (row["question"], tuple(row["choices"])) not in banned:
+            out.append({"prompt": mmlu.zero_shot_prompt(row, subject), "completion": " " + "ABCD"[row["answer"]]})
+    return out
+
+
+def bundled_records() -> list[dict[str, str]]:
+    """The bundled file: the instruction tasks and the multiple-choice records, shuffled together (seeded)."""
+    records = generate_dataset() + multiple_choice()
+    random.Random(2).shuffle(records)
+    return records
+
+
 def write_bundled_dataset(path: Path = BUNDLED_DATA) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in generate_dataset()))
+    path.write_text("".join(json.dumps(r) + "\n" for r in bundled_records()))
 
 
 def cache_dir() -> Path:
@@ -89,7 +122,7 @@ def cache_dir() -> Path:
 def _corpus_lines() -> list[str]:
     lines = []
     for r in (json.loads(x) for x in BUNDLED_DATA.read_text().splitlines()):
-        lines += [r["instruction"], r["input"], r["output"]]
+        lines += [r["prompt"] + r["completion"]] if "prompt" in r else [r["instruction"], r["input"], r["output"]]
     # Template words of the instruction and chat formats, so that they tokenize compactly.
     lines += ["### Instruction:", "### Input:", "### Response:", "<|user|>", "<|assistant|>", "<|system|>"]
     return lines
@@ -97,7 +130,7 @@ def _corpus_lines() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on the bundled data, wrapped as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -106,6 +139,10 @@ def build_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    # BOS first when special tokens are asked for, as Llama's tokenizers do: lm-eval encodes with the tokenizer's
+    # defaults, so a scored prompt starts as a training sample does (the pipeline adds BOS itself).
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    chat_template=CHAT_TEMPLATE, model_max_length=1024)
 
@@ -124,7 +161,8 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
 
 def pretrain(model, tokenizer, steps: int = 400, batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
     """A short full-parameter pretraining on plain text, so the tiny base knows the words but not the
-    instruction format: the LoRA fine-tune then has something real to learn. Returns the last loss."""
+    instruction format, and has never seen a multiple-choice question (it scores near chance on the MMLU sample):
+    the LoRA fine-tune then has something real to learn. Returns the last loss."""
     import torch
 
     rng = random.Random(seed + 1)
