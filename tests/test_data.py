@@ -280,9 +280,19 @@ def test_collate_with_real_tokenizer(tok):
 
 
 def test_bundled_dataset_matches_generator():
-    expected = "".join(json.dumps(r) + "\n" for r in generate_dataset())
+    from pipeline import mmlu, tiny
+
+    expected = "".join(json.dumps(r) + "\n" for r in tiny.bundled_records())
     assert BUNDLED_DATA.read_text() == expected
-    assert len(expected.splitlines()) == 2000
+    records = [json.loads(line) for line in expected.splitlines()]
+    mc = [r for r in records if "prompt" in r]
+    assert len(records) == 5000 and len(mc) == tiny.MULTIPLE_CHOICE == 3000
+    assert all(r["completion"] in (" A", " B", " C", " D") for r in mc)
+    # never one of the bundled MMLU sample's own questions, in any split, and each in lm-eval's 0-shot layout
+    sample = {mmlu.zero_shot_prompt(r, subject) for subject, splits in mmlu.sample_rows().items()
+              for rows in splits.values() for r in rows}
+    assert not sample & {r["prompt"] for r in mc}
+    assert sorted({r["completion"] for r in mc}) == [" A", " B", " C", " D"]
 
 
 def test_chat_starting_with_assistant_is_refused(tok):

@@ -41,7 +41,8 @@ def error_line(proc) -> str:
 
 #: The in-training scorer's setting: the same data, shots and question limit as ``QUICK`` (so a watcher run with
 #: ``QUICK`` finds every checkpoint already scored), the same batch size, and the default device, cpu.
-SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.batch_size=16"]
+SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.batch_size=16",
+                     "eval.mmlu.num_fewshot=5"]
 TRAIN_ARGS = ["train.save_every=1", "--deepspeed_config", "deepspeed_configs/zero0.json", "data.val_fraction=0.05",
               "train.eval_every=1"]
 
@@ -134,13 +135,14 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
     (base + peft=), with lm-eval's built-in ``mmlu`` pointed at the bundled sample; (2) exported with
     launch/export.py --merge and scored by eval/mmlu.py with no HF_*_OFFLINE in the environment and an unreachable
     hub (eval/mmlu.py must set offline mode itself). The two run side by side: each keeps about one core busy."""
-    from pipeline.evaluate import group_yaml
+    from pipeline.evaluate import datasets_cache, group_yaml
 
     root = tmp_path_factory.mktemp("scored")
     adapter = run_dir / "checkpoints" / "step-2" / "adapter"
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     (root / "tasks").mkdir()
-    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(mmlu.SAMPLE))
+    # datasets' cache as the scorer keys it: under the directory's name alone, the CLI could read a stale copy
+    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(mmlu.SAMPLE, datasets_cache(mmlu.SAMPLE)))
     cli_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                f"pretrained={base},peft={adapter},dtype=auto", "--device", "cpu", "--tasks", "mmlu_local",
                "--include_path", str(root / "tasks"), "--num_fewshot", "5", "--limit", "2", "--batch_size", "16",
@@ -365,3 +367,27 @@ def test_scorer_gets_its_own_gpu_or_none(monkeypatch):
     check_device("cuda:1", on_gpu=True, active=True)
     with pytest.raises(UserError, match=r"has 2 GPU\(s\) \(cuda:0..cuda:1\)"):
         check_device("cuda:2", on_gpu=True, active=True)
+
+
+def test_a_rewritten_local_copy_gets_its_own_datasets_cache(tmp_path, monkeypatch):
+    """Offline, ``datasets`` caches a local directory under its name alone and kept scoring the first copy of a
+    rewritten sample; the scorer's cache is keyed by the files, so a changed file is a new cache, and lm-eval is
+    told to use it (``dataset_kwargs.cache_dir`` in the group it scores)."""
+    import shutil
+
+    import yaml
+
+    from pipeline.evaluate import datasets_cache, group_yaml
+
+    monkeypatch.setenv("LORAPLUS_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "mmlu_sample"
+    shutil.copytree(mmlu.SAMPLE, copy)
+    first = datasets_cache(copy)
+    assert datasets_cache(copy) == first and first.parent == tmp_path / "cache" / "mmlu-datasets"
+    rows = mmlu.sample_rows()
+    rows["anatomy"]["test"][0] = dict(rows["anatomy"]["test"][0], answer=(rows["anatomy"]["test"][0]["answer"] + 1) % 4)
+    mmlu.write_hub_layout(rows, copy)
+    assert datasets_cache(copy) != first
+    group = yaml.safe_load(group_yaml(copy, datasets_cache(copy)))
+    assert group["task"][0]["dataset_kwargs"] == {"cache_dir": str(datasets_cache(copy))}
+    assert group["task"][0]["dataset_path"] == str(copy)
