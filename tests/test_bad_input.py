@@ -70,7 +70,7 @@ def test_empty_dataset(tmp_path):
 def test_missing_field_names_field_and_line(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD, json.dumps({"prompt": "x", "output": "y"})])
     out = tmp_path / "o"
-    proc = run_train([f"output_dir={out}", f"data.path={data}"], check=False)
+    proc = run_train([f"output_dir={out}", f"data.path={data}", "data.format=instruction"], check=False)
     assert_refused(proc, out, f"{data}:2", "'instruction'")
 
 
@@ -255,7 +255,7 @@ def test_bad_data_settings_are_one_line(tmp_path, case):
         needles = [str(empty), "empty", "data.val_path"]
     elif case == "val-format":
         chat = write_jsonl(tmp_path / "v.jsonl", [json.dumps({"messages": [{"role": "user", "content": "x"}]})])
-        args.append(f"data.val_path={chat}")
+        args += [f"data.val_path={chat}", "data.format=instruction"]  # the training file's format, not auto
         needles = [f"{chat}:1", "'instruction'"]
     elif case == "val-fraction":
         args.append("data.val_fraction=0.6")
