@@ -19,12 +19,32 @@ from tests.conftest import read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
 
+
+
+def instruction_file() -> Path:
+    """The bundled instruction tasks alone (the bundled file also holds multiple-choice items, whose 2 loss tokens
+    make a 6-step loss curve hinge on which kind each batch draws): one file per content, under the temp dir."""
+    import hashlib
+    import tempfile
+
+    from pipeline.tiny import generate_dataset
+
+    text = "".join(json.dumps(r) + "\n" for r in generate_dataset())
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"loraplus-tests-instructions-{key}.jsonl"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
 LR = 1e-3
 STEPS = 6
 WARMUP = 2
 # Same global batch of 4 samples everywhere: 2 ranks x 2, or 1 rank x 2 x grad_accum 2.
 COMMON = [f"optim.lr={LR}", f"train.max_steps={STEPS}", f"schedule.warmup_steps={WARMUP}", "seed=7",
-          "train.micro_batch_size=2"]
+          "train.micro_batch_size=2", f"data.path={instruction_file()}"]
 
 _RUNS: dict[str, tuple[Path, str]] = {}
 
