@@ -176,7 +176,7 @@ def test_val_fraction_is_a_fixed_disjoint_split(tmp_path, prep):
     data, log = prep(BUNDLED_DATA, val_fraction=0.1)
     train = {int(x) for x in data.train.column("source")}
     val = {int(x) for x in data.val.column("source")}
-    assert len(val) == 200 and len(train) == 1800 and not train & val
+    assert len(val) == 500 and len(train) == 4500 and not train & val
     assert any("held out (data.val_fraction=0.1)" in line for line in log)
     again, _ = prep(BUNDLED_DATA, val_fraction=0.1, cache_dir=str(tmp_path / "other"))  # rebuilt from scratch
     assert {int(x) for x in again.val.column("source")} == val
@@ -186,7 +186,7 @@ def test_val_path_errors(tmp_path, prep):
     train = write_jsonl(tmp_path / "t.jsonl", RECS)
     chat = write_jsonl(tmp_path / "v.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match=r"v\.jsonl:1: data.format=instruction needs a field 'instruction'"):
-        prep(train, val_path=str(chat))
+        prep(train, val_path=str(chat), format="instruction")
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match=r"e\.jsonl: the dataset is empty \(config key 'data.val_path'\)"):
@@ -240,10 +240,10 @@ def test_damaged_cache_is_rebuilt_with_one_warning(tmp_path, prep):
     again, log = prep(BUNDLED_DATA)
     warnings = [line for line in log if "warning" in line]
     assert len(warnings) == 1 and "unusable" in warnings[0] and "rebuilding" in warnings[0]
-    assert verify(again.directory) is None and len(again.train) == 2000
+    assert verify(again.directory) is None and len(again.train) == 5000
     (again.directory / "manifest.json").unlink()
     assert "manifest" in verify(again.directory)
-    assert len(prep(BUNDLED_DATA)[0].train) == 2000
+    assert len(prep(BUNDLED_DATA)[0].train) == 5000
 
 
 def test_a_killed_build_is_never_used(tmp_path, tiny_model_dir):
