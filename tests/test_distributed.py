@@ -109,7 +109,7 @@ def test_validation_loss_is_the_same_under_zero2_and_zero3(runs_root):
     assert [r["step"] for r in rows["zero2"]] == [r["step"] for r in rows["zero3"]] == [0, 3, STEPS]
     for a, b in zip(rows["zero2"], rows["zero3"]):
         assert a["val_tokens"] == b["val_tokens"] > 0 and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
-    # (No "val loss fell" check: on the v2 tiny base, 6 steps at lr 1e-3 raise it, 2.25 -> 2.37; open, see the note.)
+    assert rows["zero3"][-1]["val_loss"] < rows["zero3"][0]["val_loss"]
 
 
 def test_zero3_partitions_frozen_weights_at_load(runs_root):
@@ -188,7 +188,7 @@ def test_bf16_runs_as_recorded_and_zero_stages_agree(runs_root):
         state = json.loads((out / "checkpoints" / "step-6" / "trainer_state.json").read_text())
         assert state["precision"] == "bf16"
         losses[stage] = [r["loss"] for r in read_metrics(out)]
-        assert all(math.isfinite(x) for x in losses[stage]), stage  # (the 6-step "loss fell" check: see above)
+        assert losses[stage][-1] < losses[stage][0], stage
     # ZeRO-1/2 compute the same bf16 forward and backward (their losses agree to ~1e-6); ZeRO-3's linear layers
     # compute the bf16 weight gradient in another order (8.6e-3 apart, relative, on one micro-batch: see
     # tests/grad_accum_probe.py), and after 6 Adam steps that moves the loss by up to a few 1e-3.
