@@ -99,7 +99,9 @@ def verdict(rows: list[dict]) -> str:
     if top["acc_stderr"] is None or base["acc_stderr"] is None:
         return line + f": {diff:+.4f} over the base model (acc {base['acc']:.4f}; no stderr to compare with)."
     se = (top["acc_stderr"] ** 2 + base["acc_stderr"] ** 2) ** 0.5
-    judged = ("larger than its stderr" if abs(diff) > se else "within its stderr: no clear difference")
+    judged = ("larger than its stderr" if diff > se else
+              "larger than its stderr: the best checkpoint scores below the base model" if diff < -se else
+              "within its stderr: no clear difference")
     return line + (f": {diff:+.4f} over the base model (acc {base['acc']:.4f} ± {base['acc_stderr']:.4f}); the "
                    f"difference's stderr is {se:.4f}, so the difference is {judged}.")
 

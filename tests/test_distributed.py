@@ -39,7 +39,10 @@ def instruction_file() -> Path:
     return path
 
 
-LR = 1e-3
+# The shipped default's 1e-3 suits 150 steps from the tiny base; over these 6 steps (warmup 2, lr_B 16x) it
+# overshoots the well-pretrained base (step 3 loss 4.05 from 2.16, val 2.25 -> 2.37), so the checks of learning
+# would hinge on noise. 2e-4 learns steadily (val 2.25 -> 1.81 on the zero0 ws1 ga2 run).
+LR = 2e-4
 STEPS = 6
 WARMUP = 2
 # Same global batch of 4 samples everywhere: 2 ranks x 2, or 1 rank x 2 x grad_accum 2.
@@ -189,13 +192,23 @@ def test_bf16_runs_as_recorded_and_zero_stages_agree(runs_root):
         assert state["precision"] == "bf16"
         losses[stage] = [r["loss"] for r in read_metrics(out)]
         assert losses[stage][-1] < losses[stage][0], stage
-    # ZeRO-1/2 compute the same bf16 forward and backward (their losses agree to ~1e-6); ZeRO-3's linear layers
-    # compute the bf16 weight gradient in another order (8.6e-3 apart, relative, on one micro-batch: see
-    # tests/grad_accum_probe.py), and after 6 Adam steps that moves the loss by up to a few 1e-3.
+    # Step 1 puts the same weights through the same bf16 forward on every stage: equal losses, and not the fp32
+    # run's (2.1621 against 2.1583 on the tiny base), which shows bf16 is really in effect.
+    fp32_first = read_metrics(zero_run(runs_root, "zero0")[0])[0]["loss"]
+    for stage in BF16_STAGES:
+        assert losses[stage][0] == pytest.approx(losses["zero1"][0], abs=1e-6), stage
+    assert abs(losses["zero1"][0] - fp32_first) > 1e-3, (losses["zero1"][0], fp32_first)
+    # ZeRO-3's linear layers compute the bf16 weight gradient in another order (8.6e-3 apart, relative, on one
+    # micro-batch: see tests/grad_accum_probe.py), and after 6 Adam steps that moves the loss by up to a few 1e-3.
     spread = max(abs(a - b) for stage in BF16_STAGES for a, b in zip(losses[stage], losses["zero1"]))
     print(f"bf16: largest loss difference between ZeRO stages over {STEPS} steps: {spread:.3g}")
     assert spread < 2e-2, losses
-    assert max(abs(a - b) for a, b in zip(losses["zero1"], losses["zero2"])) < 1e-4
+    # ZeRO-1/2 compute the same bf16 forward and backward and differ only in the order of the fp32 reduction; its
+    # last-bit differences can carry an fp32 master weight across a bf16 rounding boundary, so later losses agree
+    # to well within bf16's resolution (2^-8 relative), not bit for bit (measured: equal to 1e-6 for 5 steps,
+    # 3.3e-4 apart at step 6).
+    for a, b in zip(losses["zero1"], losses["zero2"]):
+        assert abs(a - b) <= 2 ** -8 * abs(a), (losses["zero1"], losses["zero2"])
 
 
 def test_bf16_gradients_accumulate_exactly():

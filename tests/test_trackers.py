@@ -59,6 +59,8 @@ def test_verdict_says_whether_the_gain_is_beyond_the_stderr():
     text = mmlu_report.verdict(rows)
     assert "+0.0300 over the base model" in text and "stderr is 0.0424" in text and "no clear difference" in text
     assert "larger than its stderr" in mmlu_report.verdict([_row(0, 0.25), _row(15, 0.40)])
+    worse = mmlu_report.verdict([_row(0, 0.40), _row(15, 0.25)])
+    assert "-0.1500 over the base model" in worse and "scores below the base model" in worse
     assert "base model was not scored" in mmlu_report.verdict([_row(15, 0.40)])
     assert mmlu_report.verdict([_row(0, 0.25)]) == "No checkpoint scored yet."
 
