@@ -214,6 +214,8 @@ def init() -> DistInfo:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     import torch.distributed as dist
 
+    if not on_gpu:
+        release_shm_segment(dist.get_rank(), dist.get_world_size())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # Host threads are shared among the node's ranks on GPU too: DeepSpeedCPUAdam (optimizer offload) and the
     # data collation run on them, and every rank taking every core oversubscribes the node.
@@ -224,6 +226,31 @@ def init() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, on_gpu)
+
+
+def shm_segment(rank: int) -> Path:
+    """The POSIX shared-memory segment DeepSpeed's CPU backend makes for ``rank`` of a one-node job (its shm
+    all-reduce workspace, 66 MiB): named by user, ``MASTER_ADDR``, ``MASTER_PORT`` and rank, as
+    ``csrc/cpu/comm/shm.cpp`` (deepspeed 0.19) does."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_segment(rank: int, world_size: int) -> None:
+    """Unlink this rank's shm segment once every rank has mapped every other's, so the kernel frees it when the
+    job's processes end, however they end. DeepSpeed creates one per rank at ``init_distributed`` and never
+    unlinks it: each run left 66 MiB per rank in /dev/shm (RAM) for good, and a machine that runs many jobs
+    (our test suite; sglang's CI, sgl-project/sglang#38638) runs out of memory. A mapped segment stays valid
+    after its name is gone."""
+    # DeepSpeed's own test for making the segments (all ranks on this node), the same on every rank: all of them
+    # enter the barrier or none does.
+    if world_size < 2 or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank is past DeepSpeed's shm_initialize, which maps all ranks' segments
+    with contextlib.suppress(FileNotFoundError):
+        shm_segment(rank).unlink()
 
 
 def gpu_index(local_rank: int, visible: int) -> int:

@@ -147,12 +147,10 @@ def datasets_cache(data: Path) -> Path:
     times. Offline, ``datasets`` keys its cache of a local directory by the directory's name alone and reads the
     copy it made the first time, even after the files changed (measured with datasets 4: a rewritten sample was
     scored as the old one); a key of the files' own makes a changed copy a new cache."""
+    from pipeline.files import files_key
     from pipeline.tiny import cache_dir
 
-    files = sorted(f for f in data.rglob("*") if f.is_file())
-    key = hashlib.sha256(json.dumps([(str(f.relative_to(data)), f.stat().st_size, f.stat().st_mtime_ns)
-                                     for f in files]).encode()).hexdigest()[:16]
-    return cache_dir() / "mmlu-datasets" / key
+    return cache_dir() / "mmlu-datasets" / files_key(data)
 
 
 def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, limit: int | None, device: str,

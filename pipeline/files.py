@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -39,3 +41,11 @@ def locked(path: Path, blocking: bool = True):
         yield True
     finally:
         os.close(fd)
+
+
+def files_key(root: Path, pattern: str = "*") -> str:
+    """A short hash of the names (relative to ``root``), sizes and modification times of the files under ``root``
+    that match ``pattern``: it changes when any of them is rewritten, added or removed."""
+    files = sorted(f for f in root.rglob(pattern) if f.is_file())
+    return hashlib.sha256(json.dumps([(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                                      for f in files]).encode()).hexdigest()[:16]

@@ -13,8 +13,6 @@ Layouts accepted for ``--mmlu-data``:
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import random
 import shutil
@@ -152,15 +150,13 @@ def write_hub_layout(rows: dict[str, dict[str, list[dict]]], out: Path) -> None:
 
 def _from_csv(data: Path, cache: Path) -> Path:
     """The CSV release converted into the hub layout under ``cache`` (keyed by the files' sizes and times)."""
-    key = hashlib.sha256(json.dumps(sorted(
-        (str(p.relative_to(data)), p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*.csv")
-    )).encode()).hexdigest()[:16]
+    from pipeline.files import files_key, locked
+
+    key = files_key(data, "*.csv")
     out = cache / f"mmlu-csv-{key}"
     if (out / "README.md").is_file():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    from pipeline.files import locked
-
     with locked(cache / f".mmlu-csv-{key}.lock"):  # several ranks or watchers may get here at once
         if not (out / "README.md").is_file():
             write_hub_layout(_read_csv_release(data), out)

@@ -66,10 +66,20 @@ def train_command(args: list[str], nprocs: int = 0, port: int | None = None) -> 
 
 def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | None = None,
               check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run launch/train.py to completion (see ``train_command``); ``env`` adds environment variables."""
+    """Run launch/train.py to completion (see ``train_command``); ``env`` adds environment variables.
+
+    A multi-rank run that succeeds must leave none of DeepSpeed's shm segments in /dev/shm (66 MiB of RAM per
+    rank each, which DeepSpeed never unlinks: ``pipeline.distributed.release_shm_segment``); any a run leaves is
+    removed, so that a failure cannot fill the memory of the tests after it."""
     cmd = train_command(args, nprocs, port)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+    if nprocs:
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_"
+                                            f"{cmd[cmd.index('--master_port') + 1]}_*"))
+        for f in left:
+            f.unlink(missing_ok=True)
+        assert proc.returncode != 0 or not left, f"the run left DeepSpeed's shm segments behind: {left}"
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
