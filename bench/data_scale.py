@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 from pipeline.tiny import _example  # noqa: E402  (the bundled set's generator)
 
 
@@ -82,7 +83,8 @@ def start(repo: Path, data: Path, out: Path, cache: Path, extra: list[str], time
     import psutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
+    port = random.randint(20000, 40000)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port),
            str(repo / "launch" / "train.py"), f"output_dir={out}", f"data.path={data}", "train.max_steps=2",
            "train.seq_len=2048", "train.micro_batch_size=2", "eval.mmlu.every_checkpoint=false", *extra]
     if cache:
@@ -103,9 +105,12 @@ def start(repo: Path, data: Path, out: Path, cache: Path, extra: list[str], time
             first = json.loads(metrics.read_text().splitlines()[0])["time"] - t0
             rss = dict(peak)
         time.sleep(0.05)
-    if proc.poll() is None:
+    timed_out = proc.poll() is None
+    if timed_out:
         os.killpg(proc.pid, 9)
         proc.wait()
+    remove_shm_segments(port)  # the loader before the cache (an old checkout) leaves DeepSpeed's shm segments
+    if timed_out:
         raise SystemExit(f"timed out: {' '.join(cmd)}; see {out.with_suffix('.log')}")
     if proc.returncode != 0 or first is None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {out.with_suffix('.log')}")

@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 from pipeline.flops import PEAK_TFLOPS  # noqa: E402
 
 # ours: the default chunked loss (train.loss_chunk); ours-full: the same with the full-logits loss (loss_chunk=0).
@@ -76,7 +77,8 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
         over += [f"model.shape.{k}={v}" for k, v in SMOKE_SHAPE.items()]
     if side == "ours-full":
         over.append("train.loss_chunk=0")
-    cmd = ["deepspeed", "--num_gpus", str(args.nprocs), "--master_port", str(random.randint(20000, 40000)),
+    port = random.randint(20000, 40000)
+    cmd = ["deepspeed", "--num_gpus", str(args.nprocs), "--master_port", str(port),
            str(SIDES[side]), "--config", str(args.recipe), "--deepspeed_config",
            f"deepspeed_configs/zero{conf['zero']}.json", *over]
     if side != "baseline":
@@ -100,6 +102,7 @@ def launch(side: str, conf: dict, args, work: Path, data: Path) -> dict:
             except subprocess.TimeoutExpired:
                 continue
         rc = None
+    remove_shm_segments(port)  # the baseline's ranks leave DeepSpeed's CPU shm segments behind
     row = {**conf, "side": side, "date": date.today().isoformat(), "device": args.device, "steps": args.steps,
            "warmup": args.warmup, "launch_s": round(time.time() - started, 1), "smoke": args.smoke}
     metrics = out / ("baseline_metrics.jsonl" if side == "baseline" else "metrics.jsonl")

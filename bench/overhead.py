@@ -41,6 +41,9 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 SIDES = {"ours": REPO / "launch" / "train.py", "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
 DEFAULTS = ["schedule.name=constant", "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false",
             "train.save_every=0"]  # a checkpoint at the end only, on both sides
@@ -72,6 +75,7 @@ def one_run(side: str, args, extra: list[str], work: Path, env: dict, on_gpu: bo
         cmd.append("--overwrite")
     log = work / f"{side}.log"
     rc, started, rss_gb = measured(cmd, env, log)
+    remove_shm_segments(port)  # the baseline's ranks leave DeepSpeed's CPU shm segments behind
     metrics = out / ("metrics.jsonl" if side == "ours" else "baseline_metrics.jsonl")
     aborted_at_exit = False
     if rc != 0 and metrics.is_file() and len(metrics.read_text().splitlines()) == args.steps \

@@ -236,6 +236,16 @@ def shm_segment(rank: int) -> Path:
                                f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
+def remove_shm_segments(port: int | str) -> list[Path]:
+    """Remove the shm segments that a finished one-node DeepSpeed CPU job on ``port`` left (every rank's, as
+    programs other than launch/train.py leave them: the benches' peers); returns those it removed. Only for a
+    job that is over: a running job's ranks may still be mapping them."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for f in left:
+        f.unlink(missing_ok=True)
+    return left
+
+
 def release_shm_segment(rank: int, world_size: int) -> None:
     """Unlink this rank's shm segment once every rank has mapped every other's, so the kernel frees it when the
     job's processes end, however they end. DeepSpeed creates one per rank at ``init_distributed`` and never
@@ -244,7 +254,7 @@ def release_shm_segment(rank: int, world_size: int) -> None:
     after its name is gone."""
     # DeepSpeed's own test for making the segments (all ranks on this node), the same on every rank: all of them
     # enter the barrier or none does.
-    if world_size < 2 or os.environ.get("LOCAL_SIZE") != str(world_size):
+    if os.environ.get("LOCAL_SIZE") != str(world_size):
         return
     import torch.distributed as dist
 

@@ -75,10 +75,9 @@ def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if nprocs:
-        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_"
-                                            f"{cmd[cmd.index('--master_port') + 1]}_*"))
-        for f in left:
-            f.unlink(missing_ok=True)
+        from pipeline.distributed import remove_shm_segments
+
+        left = remove_shm_segments(cmd[cmd.index("--master_port") + 1])
         assert proc.returncode != 0 or not left, f"the run left DeepSpeed's shm segments behind: {left}"
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
