@@ -228,11 +228,14 @@ def init() -> DistInfo:
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, on_gpu)
 
 
+SHM_SEGMENT_PREFIX = "deepspeed_allreduce_buffer"  # csrc/cpu/comm/shm.cpp's SHM_BUFFER_NAME
+
+
 def shm_segment(rank: int) -> Path:
     """The POSIX shared-memory segment DeepSpeed's CPU backend makes for ``rank`` of a one-node job (its shm
     all-reduce workspace, 66 MiB): named by user, ``MASTER_ADDR``, ``MASTER_PORT`` and rank, as
     ``csrc/cpu/comm/shm.cpp`` (deepspeed 0.19) does."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    return Path("/dev/shm") / (f"{SHM_SEGMENT_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                                f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
@@ -240,7 +243,7 @@ def remove_shm_segments(port: int | str) -> list[Path]:
     """Remove the shm segments that a finished one-node DeepSpeed CPU job on ``port`` left (every rank's, as
     programs other than launch/train.py leave them: the benches' peers); returns those it removed. Only for a
     job that is over: a running job's ranks may still be mapping them."""
-    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    left = sorted(Path("/dev/shm").glob(f"{SHM_SEGMENT_PREFIX}_{os.getuid()}_*_{port}_*"))
     for f in left:
         f.unlink(missing_ok=True)
     return left
