@@ -134,6 +134,7 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        _import_model_class(config)  # before zero.Init: see its docstring
         with _partitioned_without_init():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
@@ -172,6 +173,30 @@ def _zero3_active() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+def _import_model_class(config) -> None:
+    """Import the architecture's modeling module now, outside ``deepspeed.zero.Init``.
+
+    Root cause of ``AttributeError: 'LlamaAttention' object has no attribute '_kernel_funcs'`` at the first ZeRO-3
+    forward (transformers 5.x with ``kernels`` installed): transformers' modeling modules are imported lazily, on
+    first use. When that first use is ``from_config`` inside ``zero.Init``, every ``nn.Module`` class the import
+    creates passes through ``zero.Init``'s ``__init_subclass__`` hook, which saves the class's ``__init__`` as
+    ``_old_init`` *at class creation* and wraps it. Only then do class decorators run: ``@use_kernelized_func``
+    (kernels, on the attention classes) replaces ``__init__`` with one that also sets ``self._kernel_funcs``, and
+    ``forward`` with one that reads it. On leaving ``zero.Init``, DeepSpeed puts ``_old_init`` back
+    (``partition_parameters.py``: ``_disable_class``), the undecorated ``__init__``, while the decorated ``forward``
+    stays: the modules were built, and all later ones are built, without the attribute their ``forward`` needs.
+    A module imported before ``zero.Init`` is entered keeps its decorated ``__init__`` (``_enable_class`` saves and
+    restores the decorated one). transformers' own ``from_pretrained`` resolves the class first for the same reason;
+    a model from ``trust_remote_code`` is imported by ``from_config`` as before.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(config)]  # the lazy mapping imports the modeling module
+    except KeyError:
+        pass
 
 
 @contextlib.contextmanager
