@@ -138,6 +138,9 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
         with _partitioned_without_init():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
+            # no_init_weights also skips the tying: tie now, so that a tied LM head (SmolLM2, Qwen2's small
+            # releases) is the one stored embedding and the names match the checkpoint's
+            model.tie_weights()
         if _stream_into_partitions(model, Path(path), weight_map):
             model.tie_weights()
         else:
@@ -179,17 +182,18 @@ def _import_model_class(config) -> None:
     """Import the architecture's modeling module now, outside ``deepspeed.zero.Init``.
 
     Root cause of ``AttributeError: 'LlamaAttention' object has no attribute '_kernel_funcs'`` at the first ZeRO-3
-    forward (transformers 5.x with ``kernels`` installed): transformers' modeling modules are imported lazily, on
-    first use. When that first use is ``from_config`` inside ``zero.Init``, every ``nn.Module`` class the import
-    creates passes through ``zero.Init``'s ``__init_subclass__`` hook, which saves the class's ``__init__`` as
-    ``_old_init`` *at class creation* and wraps it. Only then do class decorators run: ``@use_kernelized_func``
-    (kernels, on the attention classes) replaces ``__init__`` with one that also sets ``self._kernel_funcs``, and
-    ``forward`` with one that reads it. On leaving ``zero.Init``, DeepSpeed puts ``_old_init`` back
-    (``partition_parameters.py``: ``_disable_class``), the undecorated ``__init__``, while the decorated ``forward``
-    stays: the modules were built, and all later ones are built, without the attribute their ``forward`` needs.
-    A module imported before ``zero.Init`` is entered keeps its decorated ``__init__`` (``_enable_class`` saves and
-    restores the decorated one). transformers' own ``from_pretrained`` resolves the class first for the same reason;
-    a model from ``trust_remote_code`` is imported by ``from_config`` as before.
+    forward on a pretrained SmolLM2 (transformers 5.x with ``kernels`` installed). transformers imports modeling
+    modules lazily, on first use. When that first use is ``from_config`` inside ``zero.Init``, every ``nn.Module``
+    class the import creates passes through ``zero.Init``'s ``__init_subclass__`` hook, which saves the class's
+    ``__init__`` as ``_old_init`` *at class creation* and wraps it. Only then do class decorators run:
+    ``@use_kernelized_func`` (kernels, on the attention classes) replaces ``__init__`` with one that also sets
+    ``self._kernel_funcs``, and ``forward`` with one that reads it. Modules built inside that ``zero.Init`` are
+    fine; but on leaving it DeepSpeed puts ``_old_init`` back (``partition_parameters.py``: ``_disable_class``), the
+    undecorated ``__init__``, while the decorated ``forward`` stays, so every model of that class built *afterwards*
+    in the process lacks the attribute its ``forward`` reads. Tied checkpoints met it: their names did not match the
+    untied build (see ``load_model``), so they went on to transformers' own loader, a second build. A module
+    imported before ``zero.Init`` is entered keeps its decorated ``__init__`` through any number of builds.
+    A model from ``trust_remote_code`` is imported by ``from_config`` as before.
     """
     from transformers import AutoModelForCausalLM
 
