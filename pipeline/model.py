@@ -26,15 +26,25 @@ def has_tokenizer(path: str | Path) -> bool:
 def check_model_dir(path: str) -> dict:
     """Validate a model directory without loading it; return its ``config.json``.
 
+    Cheap on every rank (called before any process group exists): it reads ``config.json``, the shard index and
+    each weight file's header, never the weights.
+
     Raises:
-        UserError: not a directory, no ``config.json``, or no safetensors weights.
+        UserError: not a directory (or a GGUF file, which it says how to convert), no ``config.json``, no tokenizer,
+            no safetensors weights, a shard the index names that is missing, or a weight file that is truncated or
+            whose header is not a safetensors header.
     """
     p = Path(path).expanduser()
+    if p.is_file() and _is_gguf(p):
+        raise UserError(_gguf_hint(p, f"model.name_or_path={p} is a GGUF file, not a model directory"))
     if not p.is_dir():
         raise UserError(f"model directory not found: {p} (config key 'model.name_or_path'; models are loaded "
                         f"from local directories only, nothing is downloaded)")
     cfg_file = p / "config.json"
+    ggufs = sorted(f for f in p.glob("*.gguf") if f.is_file())
     if not cfg_file.is_file():
+        if ggufs:
+            raise UserError(_gguf_hint(ggufs[0], f"{p} holds a GGUF file ({ggufs[0].name}) and no config.json"))
         raise UserError(f"{p} is not a Hugging Face model directory: no config.json (config key "
                         f"'model.name_or_path')")
     try:
@@ -47,11 +57,112 @@ def check_model_dir(path: str) -> dict:
     if not has_tokenizer(p):
         raise UserError(f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the "
                         f"base model into it")
-    if not any(p.glob("*.safetensors")):
+    files = weight_files(p)
+    if not files:
+        if ggufs:
+            raise UserError(_gguf_hint(ggufs[0], f"{p} holds a GGUF file ({ggufs[0].name}) and no *.safetensors "
+                                                 f"weights"))
         raise UserError(f"{p} has no *.safetensors weights; this pipeline does not unpickle .bin/.pt weights. "
                         f"Convert them once (load and save_pretrained(safe_serialization=True)) in a trusted "
                         f"environment")
+    for file in files:
+        safetensors_header(file)  # a truncated or corrupt file fails here, not mid-load on one rank
     return config
+
+
+def _is_gguf(file: Path) -> bool:
+    try:
+        with open(file, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _gguf_hint(gguf_file: Path, what: str) -> str:
+    return (f"{what}: this pipeline trains Hugging Face safetensors directories; convert it once with "
+            f"`python launch/import_gguf.py {gguf_file} OUT_DIR`, then set model.name_or_path=OUT_DIR")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads from ``path``: ``model.safetensors``, else every shard that
+    ``model.safetensors.index.json`` names, else whatever ``*.safetensors`` the directory holds.
+
+    Raises:
+        UserError: an index that is not one, or that names shard files the directory does not hold.
+    """
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        shards = sorted(set(_read_index(index).values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UserError(f"{index} names {len(shards)} shard files and {len(missing)} of them "
+                            f"{'is' if len(missing) == 1 else 'are'} missing from {path}: {shown}; copy the "
+                            f"complete checkpoint (every file the index names) again")
+        return [path / name for name in shards]
+    return sorted(f for f in path.glob("*.safetensors") if f.is_file())
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+        return dict(weight_map)
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{index}: not a safetensors index (expected a 'weight_map' of tensor -> file); copy "
+                        f"it again with the shards it came with") from None
+
+
+def safetensors_header(file: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> ``dtype``, ``shape``, ``data_offsets``), read from its header alone.
+
+    The format: 8 bytes, the little-endian length N of a JSON header; N bytes of that header; then the data, where
+    each tensor's ``data_offsets`` (relative to the data's start) must lie. A file cut short (an interrupted copy or
+    download) fails here in microseconds instead of mid-load, on one rank, with a library traceback.
+
+    Raises:
+        UserError: a file too short for its header or for the data its header describes, or a header that is not a
+            safetensors header (a Git LFS pointer is named as such).
+    """
+    again = "copy it again (or download it again) from where the model came from"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if head[:7] == b"version" and b"git-lfs" in f.read(100):
+            raise UserError(f"{file} is a Git LFS pointer ({size} bytes), not the weights; fetch them with "
+                            f"`git lfs pull` in the model's repository, or download the file itself")
+        if len(head) < 8:
+            raise UserError(f"{file} is truncated: {size} bytes, too short even for a safetensors header; {again}")
+        n = int.from_bytes(head, "little")
+        if n > SAFETENSORS_MAX_HEADER:
+            raise UserError(f"{file} is not a safetensors file (its first 8 bytes give a {n:,}-byte header); {again}")
+        if 8 + n > size:
+            raise UserError(f"{file} is truncated: its header alone needs {8 + n:,} bytes, the file has {size:,}; "
+                            f"{again}")
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((int(e["data_offsets"][1]) for e in tensors.values()), default=0)
+        if not all(isinstance(e["shape"], list) for e in tensors.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # JSONDecodeError is a ValueError
+        raise UserError(f"{file}: its header is not a valid safetensors header (bytes 8 to {8 + n:,} should hold "
+                        f"JSON naming each tensor's dtype, shape and data_offsets); {again}") from None
+    if 8 + n + end > size:
+        raise UserError(f"{file} is truncated: its header describes {8 + n + end:,} bytes, the file has {size:,} "
+                        f"({8 + n + end - size:,} missing); {again}")
+    return tensors
 
 
 def check_shape(config: dict, shape, path: str) -> None:
@@ -83,14 +194,34 @@ def shape_config(shape, **kwargs):
 
 
 def load_run_tokenizer(cfg):
-    """The run's tokenizer (``model.name_or_path``), checked against ``model.shape`` for random weights."""
-    from pipeline.errors import UserError
+    """The run's tokenizer (``model.name_or_path``), checked against the embedding it will index.
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    if cfg.model.random_init and len(tokenizer) > cfg.model.shape.vocab_size:
-        raise UserError(f"the tokenizer of {cfg.model.name_or_path} has {len(tokenizer):,} tokens, more than "
-                        f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
+    Raises:
+        UserError: a tokenizer with more tokens than the model has embedding rows (``model.shape.vocab_size`` for
+            random weights, else the ``vocab_size`` of the directory's ``config.json``): its highest ids would index
+            past the embedding mid-run. More rows than tokens is normal (padded vocabularies).
+    """
+    path = Path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
+    if cfg.model.random_init:
+        if len(tokenizer) > cfg.model.shape.vocab_size:
+            raise UserError(f"the tokenizer of {path} has {len(tokenizer):,} tokens, more than "
+                            f"model.shape.vocab_size={cfg.model.shape.vocab_size:,}; use a matching tokenizer")
+        return tokenizer
+    vocab = config_vocab_size(json.loads((path / "config.json").read_text()))  # checked by check_model_dir
+    if vocab is not None and len(tokenizer) > vocab:
+        tok_file = next(path / name for name in TOKENIZER_FILES if (path / name).is_file())
+        raise UserError(f"the tokenizer in {tok_file} has {len(tokenizer):,} tokens, more than the model's "
+                        f"{vocab:,} embedding rows (vocab_size in {path / 'config.json'}): ids {vocab:,} and up "
+                        f"would index past the embedding; use the tokenizer that came with these weights")
     return tokenizer
+
+
+def config_vocab_size(config: dict) -> int | None:
+    """The number of embedding rows a ``config.json`` declares (its ``text_config``'s for a nested config)."""
+    text = config.get("text_config")
+    vocab = text.get("vocab_size") if isinstance(text, dict) and "vocab_size" in text else config.get("vocab_size")
+    return vocab if isinstance(vocab, int) else None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -227,19 +358,11 @@ def _partitioned_without_init():
 
 def _weight_map(path: Path) -> dict[str, str] | None:
     """Tensor name -> shard file, from ``model.safetensors.index.json`` or the single ``model.safetensors``."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index}: not a safetensors index (expected a 'weight_map' of tensor -> file)") from None
     single = path / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single.name for name in f.keys()}
-    return None
+    if single.is_file():  # what from_pretrained reads first, as weight_files
+        return {name: single.name for name in safetensors_header(single)}
+    index = path / SAFETENSORS_INDEX
+    return _read_index(index) if index.is_file() else None
 
 
 def _stream_into_partitions(model: torch.nn.Module, path: Path, weight_map: dict[str, str]) -> bool:
@@ -259,16 +382,14 @@ def _stream_into_partitions(model: torch.nn.Module, path: Path, weight_map: dict
     # Every rank checks the shapes from the shard headers (cheap) before the first collective, so a bad checkpoint
     # stops all ranks with one message instead of leaving the others waiting in an all-gather.
     for file, names in sorted(by_file.items()):
-        try:
-            with safe_open(str(path / file), framework="pt") as shard:
-                for name in names:
-                    have, want = tuple(shard.get_slice(name).get_shape()), tuple(getattr(params[name], "ds_shape",
-                                                                                         params[name].shape))
-                    if have != want:
-                        raise UserError(f"{path / file}: tensor {name} has shape {have}, the model's config.json "
-                                        f"needs {want}")
-        except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError (a RuntimeError)
-            raise UserError(f"{path / file}: cannot read the safetensors shard ({e})") from None
+        header = safetensors_header(path / file)
+        for name in names:
+            if name not in header:
+                raise UserError(f"{path / SAFETENSORS_INDEX} puts tensor {name} in {file}, whose header does not "
+                                f"list it; copy the checkpoint again, index and shards together")
+            have, want = tuple(header[name]["shape"]), tuple(getattr(params[name], "ds_shape", params[name].shape))
+            if have != want:
+                raise UserError(f"{path / file}: tensor {name} has shape {have}, the model's config.json needs {want}")
     for file, names in sorted(by_file.items()):
         shard = safe_open(str(path / file), framework="pt") if rank0 else None
         try:

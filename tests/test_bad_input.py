@@ -268,3 +268,112 @@ def test_bad_data_settings_are_one_line(tmp_path, case):
     assert proc.returncode == 2
     assert_refused(proc, out, *needles)
     assert not (out / "val.jsonl").exists()
+
+
+# A model directory that is broken on disk: each is refused by check_model_dir (start.check_request, every rank,
+# before any process group) or, for the tokenizer, where it is loaded (before dist.init), in one line that names the
+# file and the fix. The checkpoints come from a small 2-layer Llama saved here (not the real-model tier's SmolLM2).
+
+SMALL_VOCAB = 640  # more rows than the tiny tokenizer's 512 tokens: padded vocabularies are normal and accepted
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 2-layer, width-64 Llama in 3 safetensors shards with the tiny model's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("small") / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(
+        out, max_shard_size="250KB")
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    assert len(sorted(out.glob("model-*.safetensors"))) == 3
+    return out
+
+
+def test_small_llama_with_a_padded_vocabulary_passes_the_checks(small_llama):
+    """The checks refuse nothing that loads: a complete sharded checkpoint, an embedding with more rows than tokens."""
+    from types import SimpleNamespace
+
+    from pipeline.model import check_model_dir, load_run_tokenizer
+
+    assert check_model_dir(str(small_llama))["vocab_size"] == SMALL_VOCAB
+    model = SimpleNamespace(name_or_path=str(small_llama), trust_remote_code=False, random_init=False)
+    assert len(load_run_tokenizer(SimpleNamespace(model=model))) == 512
+
+
+@pytest.mark.parametrize("case", ["gguf-only", "gguf-file", "missing-shard", "truncated", "corrupt-header",
+                                  "tokenizer-too-large"])
+def test_broken_model_dir_is_one_line(tmp_path, small_llama, case):
+    """Each of these ended in a traceback (IndexError mid-run, FileNotFoundError, SafetensorError) or in a bare
+    "no config.json"; now one line that names the file and the fix, exit 2, nothing in output_dir."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(small_llama, model)
+    shards = sorted(model.glob("model-*.safetensors"))
+    if case in ("gguf-only", "gguf-file"):
+        shutil.rmtree(model)
+        model.mkdir()
+        gguf = model / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+        if case == "gguf-file":
+            model = gguf
+        needles = [str(gguf), f"python launch/import_gguf.py {gguf} OUT_DIR", "model.name_or_path=OUT_DIR"]
+    elif case == "missing-shard":
+        shards[1].unlink()
+        needles = [str(model / "model.safetensors.index.json"), shards[1].name, "missing", "copy the complete"]
+    elif case == "truncated":
+        size = shards[2].stat().st_size
+        with open(shards[2], "r+b") as f:
+            f.truncate(size - 1000)
+        needles = [str(shards[2]), "is truncated", f"describes {size:,} bytes, the file has {size - 1000:,}",
+                   "copy it again"]
+    elif case == "corrupt-header":
+        data = bytearray(shards[0].read_bytes())
+        data[8:10] = b"#!"  # the JSON header's first bytes
+        shards[0].write_bytes(bytes(data))
+        needles = [str(shards[0]), "not a valid safetensors header", "copy it again"]
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
+        needles = [str(model / "tokenizer.json"), str(model / "config.json"), "512 tokens", "256 embedding rows",
+                   "use the tokenizer that came with these weights"]
+    out = tmp_path / "o"
+    proc = run_train([f"output_dir={out}", f"model.name_or_path={model}", "--deepspeed_config",
+                      "deepspeed_configs/zero0.json"], check=False)
+    assert proc.returncode == 2
+    assert_refused(proc, out, *needles)
+
+
+def test_import_gguf_refuses_a_non_gguf_and_a_directory_that_holds_files(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "launch" / "import_gguf.py"), *map(str, args)],
+                              check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    gguf = tmp_path / "real.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("my work")
+    for args, needles in [((not_gguf, tmp_path / "new"), [str(not_gguf), "not a GGUF file"]),
+                          ((gguf, taken), [str(taken), "not an empty directory", "nothing was written"]),
+                          ((gguf,), ["FILE.gguf OUT_DIR"])]:
+        proc = run(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(n in errors[0] for n in needles), proc.stderr
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"] and (taken / "notes.txt").read_text() == "my work"
