@@ -2,11 +2,15 @@
 """Score one checkpoint (or a plain model directory, as step 0) on MMLU with lm-evaluation-harness.
 
     python eval/mmlu.py --checkpoint OUTPUT_DIR/checkpoints/step-N [--mmlu-data DIR|sample] [--num-fewshot 5]
-                        [--batch-size auto] [--limit K] [--device cpu|cuda|cuda:1] [--parallelize] [--hub]
+                        [--batch-size auto] [--memory-gb auto|GiB] [--limit K] [--device cpu|cuda|cuda:1]
+                        [--parallelize] [--hub]
 
 Writes step-N/mmlu.json (acc and acc_stderr of lm-eval's size-weighted `mmlu` group, the four categories, every
 subject, shots, lm-eval version, model and adapter identity, wall time) and lm-eval's full results beside it
 (mmlu_lm_eval.json). Nothing is written unless the evaluation finishes. Offline unless --hub is given.
+
+On CPU, --batch-size auto sizes each batch so that the process stays within --memory-gb (default auto: half of the
+memory available when it starts), from the model's vocabulary and the length of the requests at hand.
 
 Data-parallel over the GPUs of a node (lm-eval splits the questions; rank 0 writes):
     accelerate launch --num_processes 8 eval/mmlu.py --checkpoint ... --mmlu-data DIR

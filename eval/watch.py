@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Score every checkpoint of a run that has no MMLU result yet, as checkpoints appear.
 
-    python eval/watch.py --run OUTPUT_DIR [--once] [--poll SECONDS] [--mmlu-data DIR|sample] [--num-fewshot K] ...
+    python eval/watch.py --run OUTPUT_DIR [--once] [--poll SECONDS] [--mmlu-data DIR|sample] [--num-fewshot K]
+                         [--memory-gb auto|GiB] ...
 
 For a separate eval GPU or node that shares the run's filesystem. The base model is scored first, as step 0
 (into OUTPUT_DIR/base/mmlu.json; --no-base skips it), then each checkpoint once: only sealed checkpoints whose
@@ -80,8 +81,8 @@ def score_pending(run: Path, args, cache: Path, verified: set[Path], failed: set
     """One pass; returns how many models were scored. One that fails is reported once and skipped from then on
     (by this process), so it cannot hold up the ones after it. ``trackers`` get every row recorded."""
     from pipeline import evaluate, mmlu_report
-    from pipeline.files import locked
     from pipeline.errors import UserError
+    from pipeline.files import locked
 
     setting = wanted(args, cache)
     todo, done = pending(run, verified, setting, with_base=not args.no_base)

@@ -307,10 +307,17 @@ class MmluEvalConfig:
     limit: int = 0
     """Score only the first K questions of each subject (0: all)."""
     batch_size: str = "auto"
-    """lm-eval batch size: a number or ``auto``."""
+    """lm-eval batch size: a number (it wins), or ``auto``: lm-eval's own search on a GPU, and on CPU the largest
+    batch that keeps the scorer within ``memory_gb`` for the requests at hand (sized again as they get shorter)."""
     device: str = "cpu"
     """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``, GPU N of
     the node as the launcher numbers them (the scorer sees only that GPU). Pick one no training rank uses."""
+    memory_gb: str = "auto"
+    """CPU scoring with ``batch_size: auto``: the most resident memory (GiB) the scorer process may hold, its model
+    included; each batch is sized from the model's vocabulary and the requests' length to what is left
+    (``pipeline/evaluate.py``, ``MemoryBudgetHFLM``). A number > 0, or ``auto``: half of the memory available
+    (``MemAvailable``) when the scorer starts, leaving the other half to the training ranks beside it. Not used on
+    a GPU (lm-eval's own search) or with a numeric ``batch_size``."""
 
     def __post_init__(self) -> None:
         _check(self.every_checkpoint in ("auto", "true", "false"), "eval.mmlu.every_checkpoint",
@@ -320,9 +327,30 @@ class MmluEvalConfig:
         _check(self.limit >= 0, "eval.mmlu.limit", f"must be >= 0; got {self.limit}")
         _check(self.batch_size == "auto" or self.batch_size.isdigit(), "eval.mmlu.batch_size",
                f"must be a number or 'auto'; got {self.batch_size!r}")
+        try:
+            self.parse_memory_gb(self.memory_gb)
+        except ValueError as e:
+            _check(False, "eval.mmlu.memory_gb", str(e))
         plain = "; plain 'cuda' is GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""
         _check(self.device == "cpu" or re.fullmatch(r"cuda:\d+", self.device) is not None, "eval.mmlu.device",
                f"must be cpu or cuda:N (a GPU index); got {self.device!r}{plain}")
+
+    @staticmethod
+    def parse_memory_gb(text: str) -> float | None:
+        """``memory_gb`` (``eval.mmlu.memory_gb``, ``--memory-gb``) in GiB; ``None`` for ``auto``.
+
+        Raises:
+            ValueError: neither a finite number > 0 nor ``auto``; the message ends with the value given.
+        """
+        if text == "auto":
+            return None
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = float("nan")
+        if not 0 < gib < float("inf"):  # NaN compares false
+            raise ValueError(f"must be a number of GiB > 0, or auto; got {text!r}")
+        return gib
 
 
 @dataclass

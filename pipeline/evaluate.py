@@ -1,23 +1,29 @@
 """Score a model (a checkpoint's adapter on its base, or a plain Hugging Face directory) on MMLU with
 lm-evaluation-harness. Every number is lm-eval's: its ``hf`` model class, its built-in ``mmlu`` task (prompt,
-5-shot ``dev`` split, ``acc``, size-weighted groups); only the dataset path is redirected to a local copy.
+5-shot ``dev`` split, ``acc``, size-weighted groups); only the dataset path is redirected to a local copy, and on
+CPU the batch size is chosen from a memory budget (``MemoryBudgetHFLM``: lm-eval's ``HFLM`` with its batch-size
+detection replaced by arithmetic, since a CPU raises no out-of-memory error for lm-eval's search to catch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import MmluEvalConfig
 from pipeline.errors import UserError
 
 CATEGORIES = ("stem", "humanities", "social_sciences", "other")
-CPU_BATCH_SIZE = "32"  # what --batch-size auto means on CPU
+GIB = 2 ** 30
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -31,8 +37,12 @@ def add_eval_args(p) -> None:
     p.add_argument("--num-fewshot", type=int, default=None,
                    help="shots from each subject's dev split (default 5; eval/watch.py: the run's own)")
     p.add_argument("--batch-size", default="auto",
-                   help=f"lm-eval batch size: a number or 'auto' (default; lm-eval's search on a GPU, "
-                        f"{CPU_BATCH_SIZE} on CPU)")
+                   help="lm-eval batch size: a number or 'auto' (default; lm-eval's search on a GPU, sized to "
+                        "--memory-gb on CPU)")
+    p.add_argument("--memory-gb", default="auto",
+                   help="CPU scoring: the most resident memory (GiB) this scorer may hold, model included; the batch "
+                        "is sized to it for each request length. 'auto' (default): half of MemAvailable when scoring "
+                        "starts. Not used on a GPU or with a numeric --batch-size")
     p.add_argument("--limit", type=int, help="score only the first K questions of each subject (quick checks)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="model dtype for lm-eval (default: the checkpoint's own)")
@@ -50,6 +60,10 @@ def check_eval_args(args) -> None:
         raise UserError(f"--limit must be >= 1; got {args.limit}")
     if args.batch_size != "auto" and not args.batch_size.isdigit():
         raise UserError(f"--batch-size must be a number or 'auto'; got {args.batch_size!r}")
+    try:
+        MmluEvalConfig.parse_memory_gb(args.memory_gb)
+    except ValueError as e:
+        raise UserError(f"--memory-gb {e}") from None
     if args.hub and args.mmlu_data:
         raise UserError("give either --mmlu-data DIR or --hub, not both")
 
@@ -79,11 +93,10 @@ def evaluate_target(tgt: Target, args, cache: Path) -> dict | None:
     rank)."""
     data = data_dir(args, cache)
     summary, results = score(tgt, data, args.num_fewshot, args.batch_size, args.limit, default_device(args),
-                             args.dtype, args.parallelize)
+                             args.dtype, args.parallelize, args.memory_gb)
     if summary is not None:
         write(summary, results, tgt.result_dir)
     return summary
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,9 +167,11 @@ def datasets_cache(data: Path) -> Path:
 
 
 def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, limit: int | None, device: str,
-          dtype: str = "auto", parallelize: bool = False) -> tuple[dict | None, dict | None]:
+          dtype: str = "auto", parallelize: bool = False,
+          memory_gb: str = "auto") -> tuple[dict | None, dict | None]:
     """Run lm-eval; return (our summary, lm-eval's full results), or ``(None, None)`` on a rank other than 0 of
-    a data-parallel run. ``data`` ``None`` reads cais/mmlu from the hub.
+    a data-parallel run. ``data`` ``None`` reads cais/mmlu from the hub. ``memory_gb`` (a number of GiB, or
+    ``auto``) bounds the scorer's memory on CPU when ``batch_size`` is ``auto``: see :func:`memory_budget`.
 
     Call before anything imports ``datasets`` in this process when offline (the environment switches are read at
     import).
@@ -165,13 +180,13 @@ def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, lim
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if batch_size == "auto" and device == "cpu":
-        # lm-eval's search for the largest batch waits for an out-of-memory error that a CPU does not raise: on
-        # the tiny default it is a third of a score's time, for no gain. A fixed batch on CPU.
-        batch_size = CPU_BATCH_SIZE
-    model_args = {"pretrained": str(tgt.base), "dtype": dtype, "device": device, "trust_remote_code": False}
+    on_cpu = device == "cpu" and not parallelize
+    budget = memory_budget(memory_gb, on_cpu, batch_size)  # read before the model takes its share
+    model_args = {"pretrained": str(tgt.base), "dtype": dtype, "device": device, "trust_remote_code": False,
+                  "batch_size": batch_size}
     if tgt.adapter:
         model_args["peft"] = str(tgt.adapter)
     if parallelize:
@@ -188,10 +203,13 @@ def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, lim
         else:
             tasks, manager = ["mmlu"], TaskManager(include_path=[mmlu_tasks], include_defaults=False)
         try:
+            # lm-eval's own HFLM (its search on a GPU, a fixed batch when one is given), or on CPU the same class
+            # with the batch sized to the budget; either way lm-eval loads the model, the adapter and the dtype.
+            lm = HFLM(**model_args) if budget is None else budget_hflm_class()(memory_bytes=budget, **model_args)
             with _fast_yaml():
-                results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
-                                                  num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
-                                                  task_manager=manager, log_samples=False)
+                results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
+                                                  batch_size=batch_size, limit=limit, task_manager=manager,
+                                                  log_samples=False)
         except (RuntimeError, ValueError) as e:
             # PEFT loading an adapter made for another model: other shapes, or other module names.
             if tgt.adapter and ("size mismatch" in str(e) or "Target modules" in str(e)):
@@ -204,6 +222,204 @@ def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, lim
     if results is None:  # a non-zero rank of a data-parallel `accelerate launch`: rank 0 has the results
         return None, None
     return summarize(results, tgt, num_fewshot, limit, data, wall), results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The batch size on CPU, from a memory budget
+#
+# lm-eval scores the loglikelihood requests of every task together, sorted longest first (its Collator), in
+# batches padded to their first request's length. A batch's peak is its logits: lm-eval takes ``log_softmax`` of
+# the model's [batch, tokens, vocab] logits into a second tensor of that shape, and keeps that one (``multi_logits``
+# in ``_loglikelihood_tokens``) until the next batch's has been computed. At SmolLM2's 49,152-token vocabulary one
+# fp32 copy is 192 KiB a token; at Llama-3's 128,256, 501 KiB. lm-eval's ``batch_size="auto"`` finds the largest
+# batch by waiting for an out-of-memory error, which a CPU does not raise (it swaps, or the kernel kills a
+# process), so on CPU the size is computed instead: the bytes a token of a batch holds at its peak (``TokenCost``)
+# times the batch's padded length, against what the budget leaves once the model and lm-eval's data are resident.
+
+#: Over ``TokenCost.formula``. Measured peak / formula (fp32, 2-core CPU, ``bench/score_memory.py``'s calibration:
+#: two batches in a row, as lm-eval runs them): 1.00-1.17 for SmolLM2-135M and a 128,256-vocab Llama (the high end
+#: on a process's first large batch), 0.77-1.02 on a KV-cache-heavy 512-vocab shape; a whole SmolLM2 5-shot score
+#: at a 4 GiB budget peaked at 1.05x (bench/results/score_memory.md). The rest is the allocator's.
+TOKEN_MARGIN = 1.2
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    """Bytes one token of a CPU scoring batch holds at the batch's peak, from the model's shape.
+
+    The batch's own peak is the larger of two phases: the forward, which ends holding the logits (one copy), the
+    KV cache it builds (``use_cache``; dropped with the model's output) and one layer's activations; then lm-eval's
+    ``log_softmax``, which holds the logits and its own copy. On top, lm-eval still holds the previous batch's
+    ``log_softmax`` (one copy of its logits). Counting that as one more copy per token of this batch is exact
+    enough: every batch is sized this way, so the previous one's copy is at most its share of the same budget.
+    """
+
+    vocab: int
+    """Logits per token (the output embedding's rows)."""
+    itemsize: int
+    """Bytes per element of the model's dtype (the logits and ``log_softmax`` keep it)."""
+    kv: int
+    """Bytes of KV cache per token: 2 x layers x KV heads x head dim x itemsize (0 without ``use_cache``)."""
+    act: int
+    """Bytes of one layer's activations per token: 8 x hidden + 6 x intermediate elements, twice what a layer's
+    MLP and attention hold at once (measured on a 30-layer 576-wide Llama with a 512 vocabulary, where the forward
+    outweighs the logits: the allocator keeps about as much again)."""
+
+    @classmethod
+    def of(cls, config, itemsize: int) -> TokenCost:
+        """From a ``transformers`` config (its text part for a multimodal one)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        heads = int(getattr(text, "num_attention_heads", 0) or 1)
+        head_dim = int(getattr(text, "head_dim", 0) or hidden // heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", 0) or heads)
+        layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+        inter = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+        kv = 2 * layers * kv_heads * head_dim * itemsize if getattr(text, "use_cache", True) else 0
+        return cls(vocab=int(text.vocab_size), itemsize=itemsize, kv=kv, act=(8 * hidden + 6 * inter) * itemsize)
+
+    @property
+    def formula(self) -> int:
+        """Bytes a token, without the margin: the previous batch's ``log_softmax`` + this batch's larger phase."""
+        logits = self.vocab * self.itemsize
+        return logits + max(2 * logits, logits + self.kv + self.act)
+
+    @property
+    def per_token(self) -> int:
+        """What the batch size is computed from: the formula times ``TOKEN_MARGIN``."""
+        return math.ceil(self.formula * TOKEN_MARGIN)
+
+
+def batch_rows(budget: int, tokens: int, cost: TokenCost, cap: int) -> int:
+    """The largest batch of ``tokens``-long rows whose peak fits ``budget`` bytes: at least 1, at most ``cap``."""
+    return max(1, min(cap, budget // max(1, tokens * cost.per_token)))
+
+
+def memory_budget(memory_gb: str, on_cpu: bool, batch_size: str, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The scorer's memory budget in bytes, or ``None`` where the batch is not sized to one: a numeric
+    ``batch_size`` (it wins), or a GPU (lm-eval's own search: a GPU raises the out-of-memory error it waits for).
+
+    ``memory_gb`` ``auto`` is half of ``MemAvailable`` in ``meminfo`` now, when the scorer starts, and before it
+    loads the model (which then comes out of that half; the batch gets the rest). Half, because the background
+    scorer shares the machine with training ranks that are still growing when it starts (it scores the base model
+    as they load, and each checkpoint while their optimizer state, data and save buffers come and go), and the
+    page cache the training data is read through; the other half is their headroom.
+    """
+    if batch_size != "auto" or not on_cpu:
+        return None
+    gib = MmluEvalConfig.parse_memory_gb(memory_gb)
+    if gib is not None:
+        return int(gib * GIB)
+    return mem_available(meminfo) // 2
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """``MemAvailable`` in bytes (Linux); elsewhere the free physical pages."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``VmRSS``; where there is no /proc, its peak so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class ChunkSizer:
+    """lm-eval's ``batch_fn`` for requests sorted longest first: every batch sized for its own first (longest)
+    request.
+
+    ``Collator.get_chunks`` calls ``fn(i, requests)`` at every request ``i`` and closes the batch when it holds
+    that many. lm-eval's own scheduler (``batch_size="auto:N"``) answers one size per N-th of the list, so a batch
+    that begins in one N-th and ends in the next takes the next one's (larger) size at the first one's (longer)
+    length: over the budget by the ratio of the two lengths. This answers, at each position of a batch, the size
+    that fits the batch's first request.
+    """
+
+    def __init__(self, rows_for: Callable[[Sequence], int]):
+        self.rows_for = rows_for  # request (context tokens, continuation tokens, ...) -> rows
+        self._start, self._size = 0, 0
+
+    def __call__(self, pos: int, requests: Sequence) -> int:
+        if pos == 0 or pos >= self._start + self._size:  # a new batch begins at pos
+            self._start, self._size = pos, self.rows_for(requests[pos])
+        return self._size
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+@functools.cache
+def budget_hflm_class():
+    """``MemoryBudgetHFLM``: lm-eval's ``HFLM`` whose ``batch_size="auto"`` is sized to a memory budget. Built on
+    first use, so that importing this module does not import lm-eval."""
+    from lm_eval.models.huggingface import HFLM
+
+    class MemoryBudgetHFLM(HFLM):
+        """lm-eval's ``HFLM`` (model, adapter, dtype, prompts, batching, scoring all its own) with the two places
+        it sizes an ``auto`` batch answered from ``memory_bytes``: ``_detect_batch_size`` (its search) and
+        ``_batch_scheduler`` (its ``batch_fn`` for loglikelihood requests, sorted longest first).
+
+        The budget is for the whole process: what is resident when scoring starts (the model, its weights paged
+        in, and lm-eval's tasks and requests) is taken from it, and each batch gets the rest.
+        """
+
+        def __init__(self, memory_bytes: int, **kwargs):
+            super().__init__(**kwargs)
+            self.memory_bytes = memory_bytes
+            self.cost = TokenCost.of(self.model.config, self.model.dtype.itemsize)
+            self.sizer = ChunkSizer(lambda request: self.rows(self.request_tokens(request)))
+            self._resident = 0
+            self._said: tuple[int, bool] | None = None
+            # Touch a byte of every page of the weights: safetensors maps them from the file, and the first forward
+            # would bring them in anyway; the resident memory measured before the first batch must include them.
+            for p in self.model.parameters():
+                flat = p.detach().reshape(-1)
+                float(flat[:: max(1, 4096 // p.element_size())].sum())
+
+        def request_tokens(self, request: Sequence) -> int:
+            """The padded length of a batch that begins with ``request`` (lm-eval's left truncation)."""
+            _, context, continuation = request[:3]
+            return len((context + continuation)[-(self.max_length + 1):][:-1])
+
+        def rows(self, tokens: int) -> int:
+            left = self.memory_bytes - self._resident
+            rows = batch_rows(left, tokens, self.cost, self.max_batch_size)
+            need = tokens * self.cost.per_token
+            if (rows, left < need) != self._said:  # a line per new size (they grow as the requests get shorter)
+                self._said = (rows, left < need)
+                print(f"{'warning: ' if left < need else ''}MMLU batch {rows} for requests of {tokens:,} tokens, "
+                      f"{_size(need)} each{': over the memory budget' if left < need else ''} (budget "
+                      f"{_size(self.memory_bytes)}, {_size(self._resident)} resident before the first batch)",
+                      flush=True)
+                self.batch_sizes[len(self.batch_sizes)] = rows  # lm-eval's results list them (config.batch_sizes)
+            return rows
+
+        def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+            self._resident, self._said = resident_bytes(), None
+            return self.rows(self.request_tokens(requests[pos]) if requests else self.max_length)
+
+        def _batch_scheduler(self, pos: int, n_reordered_requests) -> int:
+            if pos == 0:  # a new set of requests: what the scorer holds before its first batch
+                self._resident, self._said = resident_bytes(), None
+            return self.sizer(pos, n_reordered_requests)
+
+    return MemoryBudgetHFLM
 
 
 @contextlib.contextmanager

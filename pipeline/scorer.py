@@ -5,6 +5,10 @@ step 0) and after each checkpoint is sealed (one at a time; a checkpoint saved w
 by the next). At the end of the run, rank 0 waits for it,
 scores whatever is left, and returns the table. The watcher's locks make it safe to run a separate
 ``eval/watch.py`` on another node at the same time.
+
+On CPU the scorer takes its memory from the machine the training ranks use, so its batch is sized to
+``eval.mmlu.memory_gb`` (default ``auto``: half of the memory available when it starts; ``pipeline/evaluate.py``,
+``memory_budget``), not fixed: a fixed batch of long 5-shot prompts at a 128k vocabulary holds tens of GiB of logits.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class BackgroundScorer:
         cmd = [sys.executable, str(WATCH), "--run", str(self.output_dir), "--once", "--no-trackers",
                "--mmlu-data", self.cfg.data,
                "--num-fewshot", str(self.cfg.num_fewshot), "--batch-size", self.cfg.batch_size,
-               "--device", device]
+               "--memory-gb", self.cfg.memory_gb, "--device", device]
         return cmd + (["--limit", str(self.cfg.limit)] if self.cfg.limit else [])
 
     def begin(self) -> None:

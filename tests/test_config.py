@@ -334,6 +334,18 @@ def test_train_precision_loss_chunk_and_scorer_device_keys():
     raises_config_error(lambda: make_config(overrides=["eval.mmlu.device=gpu1"]), "eval.mmlu.device", "cuda:N")
 
 
+def test_scorer_memory_budget_key(tmp_path):
+    """``eval.mmlu.memory_gb``: ``auto`` by default, a number of GiB from a recipe or the command line (YAML reads
+    ``4`` as an int: it is kept as text, like the other eval.mmlu keys), anything else one error naming the key."""
+    assert make_config().eval.mmlu.memory_gb == "auto"
+    assert make_config(overrides=["eval.mmlu.memory_gb=2.5"]).eval.mmlu.memory_gb == "2.5"
+    recipe = write(tmp_path / "r.yaml", "eval:\n  mmlu:\n    memory_gb: 4\n")
+    assert make_config(recipe).eval.mmlu.memory_gb == "4"
+    for bad in ("0", "-1", "lots", "nan", ".inf", "4GB"):
+        raises_config_error(lambda bad=bad: make_config(overrides=[f"eval.mmlu.memory_gb={bad}"]),
+                            "'eval.mmlu.memory_gb'", "a number of GiB > 0, or auto")
+
+
 def test_dataclass_validation_direct():
     with pytest.raises(ConfigError, match="lora.dropout"):
         LoraConfig(dropout=1.0)

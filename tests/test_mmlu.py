@@ -40,9 +40,13 @@ def error_line(proc) -> str:
 
 
 #: The in-training scorer's setting: the same data, shots and question limit as ``QUICK`` (so a watcher run with
-#: ``QUICK`` finds every checkpoint already scored), the same batch size, and the default device, cpu.
-SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.batch_size=16",
-                     "eval.mmlu.num_fewshot=5"]
+#: ``QUICK`` finds every checkpoint already scored), and the defaults otherwise: device cpu, batch size auto (sized
+#: to the memory budget, ``eval.mmlu.memory_gb: auto``), so that its scores, set against lm-eval's CLI at a fixed
+#: batch of 16, check the budget-sized batches too.
+SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.num_fewshot=5"]
+#: A budget a little above what eval/mmlu.py holds before its first batch on the tiny model (about 0.5 GiB): batches
+#: smaller than lm-eval's cap of 64, growing as the requests get shorter (``scored_elsewhere``'s merged-model score).
+SMALL_BUDGET = ["--batch-size", "auto", "--memory-gb", "0.65"]
 TRAIN_ARGS = ["train.save_every=1", "--deepspeed_config", "deepspeed_configs/zero0.json", "data.val_fraction=0.05",
               "train.eval_every=1"]
 
@@ -134,7 +138,8 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
     """The step-2 checkpoint scored twice more with ``QUICK``'s setting: (1) by ``python -m lm_eval`` on the adapter
     (base + peft=), with lm-eval's built-in ``mmlu`` pointed at the bundled sample; (2) exported with
     launch/export.py --merge and scored by eval/mmlu.py with no HF_*_OFFLINE in the environment and an unreachable
-    hub (eval/mmlu.py must set offline mode itself). The two run side by side: each keeps about one core busy."""
+    hub (eval/mmlu.py must set offline mode itself), its batches sized to ``SMALL_BUDGET``. The two run side by
+    side: each keeps about one core busy."""
     from pipeline.evaluate import datasets_cache, group_yaml
 
     root = tmp_path_factory.mktemp("scored")
@@ -155,8 +160,8 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
                         "--out", str(merged), "--merge"], check=True, capture_output=True)
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
-        merged_eval = subprocess.run(EVAL + ["--checkpoint", str(merged), *QUICK], cwd=REPO, capture_output=True,
-                                     text=True, timeout=600, env=env)
+        merged_eval = subprocess.run(EVAL + ["--checkpoint", str(merged), *QUICK, *SMALL_BUDGET], cwd=REPO,
+                                     capture_output=True, text=True, timeout=600, env=env)
         cli.wait(timeout=600)
     finally:
         if cli.poll() is None:
@@ -204,6 +209,27 @@ def test_same_acc_as_lm_eval_cli_and_merged_equals_adapter(run_dir, scored_elsew
                                             ("merged", str(merged_dir), {}))}
     assert float((logits["peft"] - logits["merged"]).abs().max()) < 1e-4
     assert float((logits["peft"] - logits["base"]).abs().max()) > 1e-3
+
+
+def test_cpu_batch_sized_to_the_memory_budget_scores_the_same(run_dir, scored_elsewhere):
+    """On CPU, ``--batch-size auto`` sizes lm-eval's batches to ``--memory-gb``. The in-training scorer (budget auto:
+    half the machine's available memory) put the tiny model's requests in batches of 64, lm-eval's cap; the merged
+    model's score in ``scored_elsewhere`` (``SMALL_BUDGET``) had smaller batches, growing as the requests got
+    shorter. Both score what a fixed batch scores, to the last digit: lm-eval's CLI at batch 16 (the parity test
+    above compares all three)."""
+    ours = json.loads((run_dir / "checkpoints" / "step-2" / "mmlu.json").read_text())
+    in_training = json.loads((run_dir / "checkpoints" / "step-2" / "mmlu_lm_eval.json").read_text())["config"]
+    assert in_training["batch_size"] == "auto" and in_training["batch_sizes"] == [64]
+    assert "MMLU batch 64 for requests of " in (run_dir / "mmlu.log").read_text()
+
+    proc, merged = scored_elsewhere.merged_eval, scored_elsewhere.merged
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [int(x.split()[x.split().index("batch") + 1]) for x in proc.stdout.splitlines() if "MMLU batch" in x]
+    sizes = json.loads((merged / "mmlu_lm_eval.json").read_text())["config"]["batch_sizes"]
+    assert sizes == said and sizes == sorted(sizes) and max(sizes) < 64, proc.stdout[-3000:]
+    budgeted = json.loads((merged / "mmlu.json").read_text())
+    assert (budgeted["acc"], budgeted["acc_stderr"], budgeted["subjects"]) == \
+        (ours["acc"], ours["acc_stderr"], ours["subjects"])
 
 
 def test_offline_without_being_told(scored_elsewhere):
