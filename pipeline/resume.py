@@ -19,7 +19,8 @@ from pipeline.errors import UserError
 MAY_CHANGE = {
     "output_dir", "deepspeed_config", "train.max_steps", "train.save_every", "train.keep_last", "train.on_nonfinite",
     "train.micro_batch_size", "train.grad_accum", "model.gradient_checkpointing", "model.attn_implementation",
-    *(f"eval.mmlu.{k}" for k in ("every_checkpoint", "data", "num_fewshot", "limit", "batch_size", "device")),
+    *(f"eval.mmlu.{k}" for k in ("every_checkpoint", "data", "num_fewshot", "limit", "batch_size", "device",
+                                        "memory_gb")),
     *(f"logging.{k}" for k in ("tensorboard", "wandb", "wandb_project", "wandb_name")),  # where it is watched
 }
 
