@@ -55,13 +55,15 @@ class LossHead:
     """The next-token loss of a micro-batch: chunked from the final hidden states (``train.loss_chunk`` > 0), so the
     whole ``[batch, seq, vocab]`` logits never exist, or from the model's full logits.
 
-    The chunked path runs the model as usual but asks it for the logits of the last position only
-    (``logits_to_keep=1``); a forward hook on the decoder keeps its output (the hidden states after the final norm),
+    The chunked path runs the model as usual but asks it for the logits of one position only
+    (``logits_to_keep``); a forward hook on the decoder keeps its output (the hidden states after the final norm),
     and :func:`pipeline.loss.token_loss_sum` computes the loss of the labelled positions from them and the LM
-    head's weight, a chunk at a time. Under ZeRO-3 that weight (the input embedding, if tied) is gathered for it,
-    in the forward and again in the backward. A model whose logits are more than ``hidden @ W.T + b`` (Gemma-2's
-    soft-capping, Cohere's logit scale), an LM head with its own adapter, or a forward without ``logits_to_keep``
-    falls back to the full-logits loss, with a line that says why (``reason``).
+    head's weight, a chunk at a time. Under ZeRO-3 that weight (the input embedding, if tied) is made whole for it,
+    in the forward and again in the backward: gathered unless ZeRO-3's fetcher has kept it whole since the head's
+    own forward, and partitioned again only if gathered here (:func:`pipeline.distributed.whole_for_compute`). A
+    model whose logits are more than ``hidden @ W.T + b`` (Gemma-2's soft-capping, Cohere's logit scale), an LM head
+    with its own adapter, or a forward without ``logits_to_keep`` falls back to the full-logits loss, with a line
+    that says why (``reason``).
     """
 
     def __init__(self, engine, chunk: int, zero3: bool):
@@ -80,10 +82,7 @@ class LossHead:
         self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def _gather(self):
-        import deepspeed
-
-        params = [self.weight] + ([self.bias] if self.bias is not None else [])
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return dist.whole_for_compute([self.weight] + ([self.bias] if self.bias is not None else []))
 
     def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Sum of the next-token cross-entropy over the labelled positions (fp32)."""
@@ -92,7 +91,11 @@ class LossHead:
             ce = full_token_loss_sum(logits, labels)
             del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
             return ce
-        last = self.engine(**inputs, logits_to_keep=1).logits
+        # The logits of position 0 only, asked for by index: transformers takes the int logits_to_keep=1 as the
+        # slice hidden[:, -1:], a strided view, on which torch 2.13's CPU bf16 matmul with the LM head took 1.6 s
+        # for 8 rows (SmolLM2's 49,152 x 576 head) against 16 ms on the contiguous copy that an index gives.
+        first = torch.zeros(1, dtype=torch.long, device=labels.device)
+        kept = self.engine(**inputs, logits_to_keep=first).logits
         hidden, self._hidden = self._hidden, None
         ce = chunked_token_loss_sum(hidden, labels, self.weight, self.bias, self.chunk,
                                     gather=self._gather if self.zero3 else None)
@@ -100,7 +103,7 @@ class LossHead:
         # register_output_backward_hooks): without the logits in the graph, BF16_Optimizer never clears its bf16
         # gradients between micro-batches and counts the first ones twice (grad norm 15.5 instead of 10.0 at
         # grad_accum 2, measured). Adding them times zero costs one [batch, 1, vocab] backward.
-        return ce + last.float().sum() * 0.0
+        return ce + kept.float().sum() * 0.0
 
 
 def _why_not_chunked(base, zero3: bool) -> str | None:
