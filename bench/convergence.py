@@ -74,7 +74,7 @@ def pretrain(width: int, texts: list[str], steps: int, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tiny import ensure_tiny_model
+    from pipeline.model.tiny import ensure_tiny_model
 
     tiny = ensure_tiny_model()
     tok = AutoTokenizer.from_pretrained(tiny)

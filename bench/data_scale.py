@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.distributed import remove_shm_segments  # noqa: E402
-from pipeline.tiny import _example  # noqa: E402  (the bundled set's generator)
+from pipeline.data.builtin import _example  # noqa: E402  (the bundled set's generator)
+from pipeline.dist import remove_shm_segments  # noqa: E402
 
 
 def generate(path: Path, n: int, per_sample: int, seed: int = 0) -> None:
@@ -159,7 +159,7 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "sizes": {}}
     base = None if args.quick else baseline_tree(args.baseline_rev, work / "baseline")
 
-    from pipeline.tiny import BUNDLED_DATA
+    from pipeline.data.builtin import BUNDLED_DATA
 
     bundled_cache = work / "cache-bundled"
     build(BUNDLED_DATA, bundled_cache, 1)

@@ -14,7 +14,7 @@ gradient checkpointing x ZeRO stage x side, and for each the micro-batch sizes i
 out of memory.
 
 Per configuration: tokens/s per GPU and MFU (median over the steps after ``--warmup``; model FLOPs per token
-from ``pipeline/flops.py``, peak from the GPU's name), and the peak allocator memory. One JSON row per launch is
+from ``pipeline/observe/flops.py``, peak from the GPU's name), and the peak allocator memory. One JSON row per launch is
 appended to ``bench/results/gpu_throughput.jsonl`` (so the sweep can be run in parts, within a time limit per
 command), and ``gpu_throughput.md`` is rewritten from the newest row of each configuration.
 """
@@ -38,8 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.distributed import remove_shm_segments  # noqa: E402
-from pipeline.flops import PEAK_TFLOPS  # noqa: E402
+from pipeline.dist import remove_shm_segments  # noqa: E402
+from pipeline.observe.flops import PEAK_TFLOPS  # noqa: E402
 
 # ours: the default chunked loss (train.loss_chunk); ours-full: the same with the full-logits loss (loss_chunk=0).
 SIDES = {"ours": REPO / "launch" / "train.py", "ours-full": REPO / "launch" / "train.py",
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     args.nprocs = 1
     args.device = gpu_name or "CPU"
-    # Dense bf16 TFLOP/s by name (pipeline/flops.py's table), or None: CPU, or a GPU not in the table.
+    # Dense bf16 TFLOP/s by name (pipeline/observe/flops.py's table), or None: CPU, or a GPU not in the table.
     args.peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name.upper()), None) if on_gpu else None
     work = args.out.parent / (args.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ It takes the same recipe, overrides and DeepSpeed JSON as ``launch/train.py`` an
 usual way: ``AutoModelForCausalLM`` + ``get_peft_model`` + ``transformers.Trainer`` with DeepSpeed, LoRA+ from
 ``peft.optimizers.create_loraplus_optimizer``. The Trainer refuses ``optimizers=`` under DeepSpeed, so the LoRA+
 optimizer comes in through ``create_optimizer`` (the override PEFT's docs suggest), and the JSON must hold no
-``optimizer`` block (the Trainer would then drop ours; ../shared/FACTS.md).
+``optimizer`` block (the Trainer would then drop ours: the traps table in README.md).
 
 What is shared with the pipeline, so that both runs do the same math and only the machinery differs:
 the recipe parsing, the tokenised samples, the per-rank batches of each step (``rank_micro_batches``, fed to the
@@ -16,7 +16,7 @@ pipeline assembles it, and the seed before ``get_peft_model`` (so the A matrices
 Trainer's own (transformers' causal-LM loss, averaged over the global batch's label tokens, as ours is).
 
 Rank 0 writes ``OUTPUT_DIR/baseline_metrics.jsonl``: per step the loss, each param group's lr, the Unix time at
-the step's end, the step's non-padding tokens and model FLOPs over all ranks (``pipeline/flops.py``), and the
+the step's end, the step's non-padding tokens and model FLOPs over all ranks (``pipeline/observe/flops.py``), and the
 busiest rank's peak memory (GPU allocator; on CPU the bench measures the processes instead).
 """
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import distributed as dist  # noqa: E402
-from pipeline import tiny  # noqa: E402
+from pipeline import dist  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import exit_on_user_error  # noqa: E402
+from pipeline.model import tiny  # noqa: E402
 
 PEFT_GROUPS = ("lora_A", "lora_embedding", "lora_B", "lora_B_no_decay")  # create_loraplus_optimizer's order
 
@@ -65,13 +65,18 @@ def main(argv=None) -> None:
     import torch.distributed as tdist
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from pipeline.data import collate, rank_micro_batches
-    from pipeline.flops import batch_flops, flop_model
-    from pipeline.model import shape_config
-    from pipeline.prepared import prepare
+    from pipeline.data.formats import collate, rank_micro_batches
+    from pipeline.data.prepared import prepare
+    from pipeline.model.load import shape_config
+    from pipeline.observe.flops import batch_flops, flop_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -112,13 +117,13 @@ def main(argv=None) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True,
                                                      attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
-    torch.manual_seed(cfg.seed)  # as pipeline/lora.py: the adapters start from the same A matrices
+    torch.manual_seed(cfg.seed)  # as pipeline/model/lora.py: the adapters start from the same A matrices
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=list(cfg.lora.target_modules), bias="none",
                                              task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
 
     # The same per-rank batches, step by step (what launch/train.py's loop feeds this rank), and each step's
-    # non-padding tokens and model FLOPs over all ranks (pipeline/flops.py's count, for tokens/s and MFU).
+    # non-padding tokens and model FLOPs over all ranks (pipeline/observe/flops.py's count, for tokens/s and MFU).
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
     fm = flop_model(model)
     batches, step_tokens, step_flops = [], [], []

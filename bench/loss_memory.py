@@ -8,7 +8,7 @@ The shape of issue 13: a 2-layer width-64 Llama with Llama-3's 128,256-token voc
 4 packed rows of 1024 tokens a step, one process, ZeRO-2. Cases: the bundled instruction data in fp32 and in bf16
 (19% of its packed tokens carry loss: the chunked loss computes logits for those only), and the same text with every
 token labelled (``data.format=text``, fp32: the chunks then cover every position). Per run: ``mem_peak_gb`` (the
-training peak the loop records, ``pipeline/memory.py``), the losses, and the step time. The model is tiny so that
+training peak the loop records, ``pipeline/observe/memory.py``), the losses, and the step time. The model is tiny so that
 nearly all of the peak is the loss. Results: ``bench/results/loss_memory.json`` and ``.md``, quoted in
 ``bench/README.md``.
 """
@@ -39,7 +39,7 @@ CASES = [("instruction", "fp32"), ("instruction", "bf16"), ("text", "fp32")]
 
 def text_copy(work: Path) -> Path:
     """The bundled samples as plain text (every token labelled)."""
-    from pipeline.tiny import BUNDLED_DATA
+    from pipeline.data.builtin import BUNDLED_DATA
 
     path = work / "text.jsonl"
     with open(BUNDLED_DATA) as src, open(path, "w") as dst:

@@ -6,7 +6,7 @@
     python bench/score_memory.py --quick       # the 128k-vocab model 0-shot on the bundled sample: the bench runs
 
 lm-eval keeps [batch, tokens, vocab] logits and their log_softmax; ``eval/mmlu.py --batch-size auto`` on CPU sizes
-each batch to ``--memory-gb`` (``pipeline/evaluate.py``, ``MemoryBudgetHFLM``). This measures it:
+each batch to ``--memory-gb`` (``pipeline/eval/score.py``, ``MemoryBudgetHFLM``). This measures it:
 
 - **calibration**: two batches of forward + lm-eval's ``log_softmax`` in a row (lm-eval holds one batch's output
   while it computes the next) at a few [batch, tokens] shapes, each in a child process of its own, the rise of its
@@ -40,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.data import builtin  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2 ** 30
 LONG_SUBJECTS = ("high_school_european_history", "high_school_us_history", "high_school_world_history")
@@ -61,8 +63,8 @@ CALIBRATION = {"smollm2": [(1, 2000), (2, 1000)], "vocab128k": [(1, 3000), (2, 1
 
 def model_dir(name: str, work: Path) -> Path:
     """A directory of its own for each model (``eval/mmlu.py`` writes ``mmlu.json`` into it): SmolLM2 as links to
-    ``pipeline.gguf.ensure_smollm2``'s files; the others random, with SmolLM2's tokenizer."""
-    from pipeline.gguf import ensure_smollm2
+    ``pipeline.model.gguf.ensure_smollm2``'s files; the others random, with SmolLM2's tokenizer."""
+    from pipeline.model.gguf import ensure_smollm2
 
     smol = ensure_smollm2()
     out = work / name
@@ -123,14 +125,13 @@ def long_question(rng: random.Random) -> dict:
 
 def long_standin(out: Path) -> Path:
     """The bundled sample (57 subjects, 5 dev / 1 validation / 4 test) with the three long subjects' questions
-    replaced by passage questions, in the hub layout (``pipeline.mmlu.write_hub_layout``)."""
-    from pipeline import mmlu
+    replaced by passage questions, in the hub layout (``pipeline.data.builtin.write_hub_layout``)."""
 
-    rows = mmlu.sample_rows()
+    rows = builtin.sample_rows()
     rng = random.Random(0)
     for subject in LONG_SUBJECTS:
         rows[subject] = {split: [long_question(rng) for _ in rows[subject][split]] for split in rows[subject]}
-    mmlu.write_hub_layout(rows, out)
+    builtin.write_hub_layout(rows, out)
     return out
 
 
@@ -157,7 +158,7 @@ def calibrate_child(model: Path, batch: int, tokens: int) -> None:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from pipeline.evaluate import TokenCost, resident_bytes
+    from pipeline.eval.score import TokenCost, resident_bytes
 
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     for p in m.parameters():  # into anonymous memory: weights mapped from the file could be evicted and read again
@@ -211,7 +212,7 @@ def score_case(name: str, work: Path, limit: int) -> dict:
     plan = [(int(b), int(t.replace(",", ""))) for b, t in BATCH_LINE.findall(text)]
     from transformers import AutoConfig
 
-    from pipeline.evaluate import TokenCost
+    from pipeline.eval.score import TokenCost
 
     cfg = AutoConfig.from_pretrained(mdir)
     return {"case": name, "model": model, "vocab": cfg.vocab_size, "data": data, "num_fewshot": shots,

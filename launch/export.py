@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import checkpoint  # noqa: E402
+from pipeline import rundir
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
+from pipeline.train import checkpoint  # noqa: E402
 
 
 def parse_args(argv):
@@ -43,22 +44,22 @@ def pick_checkpoint(path: Path, best: bool = False) -> Path:
     if not path.is_dir():
         raise UserError(f"--checkpoint {path} is not a directory")
     if best:
-        name = checkpoint.best_name(path)
-        if (path / checkpoint.MANIFEST).is_file() or checkpoint.STEP_RE.fullmatch(path.name):
+        name = rundir.best_name(path)
+        if (path / checkpoint.MANIFEST).is_file() or rundir.STEP_RE.fullmatch(path.name):
             raise UserError(f"--best picks a checkpoint of a run: give --checkpoint the run's output_dir, not "
                             f"the checkpoint {path}")
         if name is None:
             raise UserError(f"--best: {path} has no checkpoints/best (no checkpoint has an MMLU score or a "
                             f"validation loss yet); name one with --checkpoint {path}/checkpoints/step-N")
-        path = checkpoint.checkpoints_dir(path) / name
+        path = rundir.checkpoints_dir(path) / name
         if not path.is_dir():
             raise UserError(f"--best: checkpoints/best names {name}, which is not in {path.parent}")
-    if (path / checkpoint.MANIFEST).is_file() or checkpoint.STEP_RE.fullmatch(path.name):
+    if (path / checkpoint.MANIFEST).is_file() or rundir.STEP_RE.fullmatch(path.name):
         reason = checkpoint.verify(path)
         if reason:
             raise UserError(f"--checkpoint {path} is not a usable checkpoint: {reason}")
         return path
-    for _, step in checkpoint.sealed_steps(path):
+    for _, step in rundir.sealed_steps(path):
         if checkpoint.verify(step) is None:
             return step
     raise UserError(f"--checkpoint {path} is neither a checkpoint (checkpoints/step-N) nor an output_dir holding one")
@@ -73,12 +74,12 @@ def main(argv=None) -> None:
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
     adapter = ckpt / "adapter"
     base = args.base or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    from pipeline.model import check_model_dir
+    from pipeline.model.load import check_model_dir
 
     check_model_dir(base)
 
-    from pipeline import distributed as dist
-    from pipeline.metrics import quiet_library_warnings
+    from pipeline import dist
+    from pipeline.observe.metrics import quiet_library_warnings
 
     dist.select_accelerator()  # PEFT imports DeepSpeed when installed; let it find no GPU without guessing
     quiet_library_warnings()

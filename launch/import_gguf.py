@@ -28,8 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import gguf  # light: the heavy imports happen inside, after the checks
 from pipeline.errors import UserError, exit_on_user_error
+from pipeline.model import (
+    gguf,  # light: the heavy imports happen inside, after the checks
+)
 
 
 def parse_args(argv):

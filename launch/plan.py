@@ -4,7 +4,7 @@
     python launch/plan.py --config launch/configs/llama2-70b.yaml --gpus 16 [--gpu-mem 80] [key.sub=value ...]
 
 Nothing is loaded and no GPU is needed: the model of the recipe's ``model.shape`` (or of the config.json in
-``model.name_or_path``) is built on PyTorch's meta device. See pipeline/plan.py for what each line counts.
+``model.name_or_path``) is built on PyTorch's meta device. See pipeline/plan/memory_plan.py for what each line counts.
 Exit status: 0 when it fits, 3 when it does not, 2 for bad input.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import distributed as dist  # noqa: E402
+from pipeline import dist  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -43,11 +43,11 @@ def main(argv=None) -> None:
     cfg = make_config(args.config, args.overrides, args.deepspeed_config)
     ds_json = dist.read_ds_json(resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config"))
 
-    from pipeline.metrics import quiet_library_warnings
-    from pipeline.plan import render, verdict
+    from pipeline.observe.metrics import quiet_library_warnings
+    from pipeline.plan.memory_plan import render, verdict
 
     quiet_library_warnings()
-    from pipeline.plan import make_plan
+    from pipeline.plan.memory_plan import make_plan
 
     plan = make_plan(cfg, ds_json, args.gpus, args.gpu_mem, args.device)
     title = (f"{args.config or 'embedded default'} on {args.gpus} {'GPU' if args.device == 'gpu' else 'CPU rank'}"

@@ -4,7 +4,7 @@
     python launch/prepare_data.py [--config RECIPE.yaml] [key.sub=value ...]
 
 It takes the same recipe and overrides as launch/train.py (only the data, tokenizer and train.seq_len matter),
-builds the cache entry that training with them will read (data.cache_dir; see pipeline/prepared.py), prints the
+builds the cache entry that training with them will read (data.cache_dir; see pipeline/data/prepared.py), prints the
 report (samples, tokens, truncated, dropped, share of tokens with loss, packing) and, last, the cache's path.
 With a warm cache it only checks it. launch/train.py with the same recipe then starts without tokenising.
 Exit status 2 for bad input (the file and line named).
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import tiny  # noqa: E402
 from pipeline.config import make_config  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
+from pipeline.model import tiny  # noqa: E402
 
 
 def parse_args(argv):
@@ -35,9 +35,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = make_config(args.config, args.overrides)
     model_path, data_path = tiny.resolve_builtin(cfg.model.name_or_path, cfg.data.path)
-    from pipeline.metrics import quiet_library_warnings
-    from pipeline.model import has_tokenizer, load_tokenizer
-    from pipeline.prepared import prepare
+    from pipeline.data.prepared import prepare
+    from pipeline.model.load import has_tokenizer, load_tokenizer
+    from pipeline.observe.metrics import quiet_library_warnings
 
     if cfg.model.random_init and not has_tokenizer(model_path):
         model_path = str(tiny.ensure_tiny_model())  # as launch/train.py: the embedded tokenizer

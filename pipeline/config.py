@@ -22,8 +22,29 @@ import yaml
 
 from pipeline.errors import UserError
 
-#: Root of the source tree (where ``deepspeed_configs/`` and ``launch/configs/`` live).
+#: Root of the source tree (where ``deepspeed_configs/`` and ``launch/configs/`` live), in a checkout.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The same folders as an installed wheel carries them, inside the package (pyproject.toml's ``package-dir``).
+SHIPPED = {"deepspeed_configs": Path(__file__).resolve().parent / "deepspeed_configs",
+           "launch/configs": Path(__file__).resolve().parent / "recipes"}
+
+
+def shipped_candidates(path: str | os.PathLike) -> list[Path]:
+    """Where a relative path may be found besides the working directory: in the checkout, and, for the shipped
+    recipes and DeepSpeed JSONs (``launch/configs/X.yaml``, ``deepspeed_configs/X.json``), in the installed
+    package. A bare recipe name (``llama3-8b``, ``llama3-8b.yaml``) means the shipped recipe of that name."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return []
+    out = [PROJECT_ROOT / p]
+    text = p.as_posix()
+    for prefix, folder in SHIPPED.items():
+        if text.startswith(prefix + "/"):
+            out.append(folder / text[len(prefix) + 1:])
+    if len(p.parts) == 1:
+        name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+        out += [PROJECT_ROOT / "launch" / "configs" / name, SHIPPED["launch/configs"] / name]
+    return out
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:tiny-instruct"
@@ -315,7 +336,7 @@ class MmluEvalConfig:
     memory_gb: str = "auto"
     """CPU scoring with ``batch_size: auto``: the most resident memory (GiB) the scorer process may hold, its model
     included; each batch is sized from the model's vocabulary and the requests' length to what is left
-    (``pipeline/evaluate.py``, ``MemoryBudgetHFLM``). A number > 0, or ``auto``: half of the memory available
+    (``pipeline/eval/score.py``, ``MemoryBudgetHFLM``). A number > 0, or ``auto``: half of the memory available
     (``MemAvailable``) when the scorer starts, leaving the other half to the training ranks beside it. Not used on
     a GPU (lm-eval's own search) or with a numeric ``batch_size``."""
 
@@ -363,7 +384,7 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     """Experiment trackers, beside ``metrics.jsonl`` (which is always written). Rank 0 logs; see
-    ``pipeline/trackers.py``."""
+    ``pipeline/observe/trackers.py``."""
 
     tensorboard: bool = False
     """TensorBoard event files under ``output_dir/tensorboard/`` (``tensorboard --logdir`` that directory)."""
@@ -544,9 +565,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe into a nested dict; errors name the file and line."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"recipe file not found: {p}")
+        found = [c for c in shipped_candidates(p) if c.is_file()]
+        if not found:
+            shipped = sorted(x.stem for x in SHIPPED["launch/configs"].glob("*.yaml")) or sorted(
+                x.stem for x in (PROJECT_ROOT / "launch" / "configs").glob("*.yaml"))
+            raise ConfigError(f"recipe file not found: {p} (a path, or the name of a shipped recipe: "
+                              f"{', '.join(shipped)})")
+        p = found[0]
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -590,9 +617,10 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def resolve_file(path: str, what: str, key: str) -> Path:
-    """Find a relative path from the working directory, then from the project root."""
+    """Find a relative path from the working directory, then from the project root, then among the files the
+    installed package ships (:func:`shipped_candidates`)."""
     p = Path(path).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, PROJECT_ROOT / p]
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, *shipped_candidates(p)]
     for c in candidates:
         if c.is_file():
             return c.resolve()

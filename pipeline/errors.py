@@ -1,4 +1,7 @@
-"""The one exception type that means "the user's input is wrong"."""
+"""The exception types that mean "the user's input is wrong" (or "the run cannot go on"), the entry-point wrapper
+that prints them as one line, and the exit status of a rank that lost a peer."""
+
+EXIT_PEER_LOST = 75  # not 0, 1 (a Python error), 2 (bad input) or 128+N (a signal): "another rank died"
 
 
 class UserError(Exception):
@@ -50,8 +53,6 @@ def exit_on_user_error(main):
             # Not a bug of ours: another rank died (its node's launcher ends the rest there) and this one's
             # collective failed. One line, and no process-group teardown, which can hang on a dead peer.
             import re
-
-            from pipeline.watchdog import EXIT_PEER_LOST
 
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)[:300]  # gloo's "[.../pair.cc:537] "

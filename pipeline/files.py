@@ -1,4 +1,5 @@
-"""Small file primitives the run's writers share: atomic text writes and ``flock`` locks."""
+"""Small file primitives the run's writers share: atomic text writes, ``flock`` locks, file keys, and the
+per-machine cache directory."""
 
 from __future__ import annotations
 
@@ -49,3 +50,9 @@ def files_key(root: Path, pattern: str = "*") -> str:
     files = sorted(f for f in root.rglob(pattern) if f.is_file())
     return hashlib.sha256(json.dumps([(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
                                       for f in files]).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where built-in assets are materialised (the tiny model, SmolLM2, converted data): ``$LORAPLUS_CACHE`` or
+    ``~/.cache/loraplus``."""
+    return Path(os.environ.get("LORAPLUS_CACHE", Path.home() / ".cache" / "loraplus")).expanduser()

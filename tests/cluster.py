@@ -2,7 +2,7 @@
 
 SLURM: Debian's slurm-wlm (22.05) with munge. One slurmctld and two ``slurmd -N``: nodes n1 and n2 on 127.0.0.1,
 each on its own port, in a configuration of their own under a temporary directory (no cgroups, no systemd;
-``../shared/FACTS.md`` has how it was found). ssh: an ``sshd`` on a free port with a host key and a user key made
+the configuration is written below). ssh: an ``sshd`` on a free port with a host key and a user key made
 for the test, and an ssh client configuration that points pdsh's ssh at it.
 
 ``.ci/run`` installs the packages (``slurm-wlm munge openssh-server pdsh``). Where they are missing and ``CI`` is

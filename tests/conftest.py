@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,39 @@ def _seed():
     torch.manual_seed(0)
 
 
+@dataclass(frozen=True)
+class Installed:
+    """The built wheel installed alone into an empty directory (``site``), to be run from ``cwd``, a directory
+    outside the checkout: ``env`` puts ``site`` first on PYTHONPATH and its ``bin`` first on PATH, so that
+    ``loraplus-train`` and every process it starts import the installed package, not this checkout."""
+    site: Path
+    cwd: Path
+    env: dict
+
+    def command(self, name: str) -> str:
+        return str(self.site / "bin" / name)
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Installed:
+    """``pip wheel`` of this checkout, ``pip install --no-deps --target`` of that wheel into an empty directory
+    (the dependencies are this environment's, as for any user)."""
+    root = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root), str(REPO)], check=True,
+                   cwd=root, capture_output=True, timeout=300)
+    (wheel,) = root.glob("loraplus_pipeline-*.whl")
+    site, cwd = root / "site", root / "elsewhere"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PATH": f"{site / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    return Installed(site, cwd, env)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from pipeline.tiny import ensure_tiny_model
+    from pipeline.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -42,7 +73,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tok(tiny_model_dir):
     """The tiny model's tokenizer."""
-    from pipeline.model import load_tokenizer
+    from pipeline.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -69,13 +100,13 @@ def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | 
     """Run launch/train.py to completion (see ``train_command``); ``env`` adds environment variables.
 
     A multi-rank run that succeeds must leave none of DeepSpeed's shm segments in /dev/shm (66 MiB of RAM per
-    rank each, which DeepSpeed never unlinks: ``pipeline.distributed.release_shm_segment``); any a run leaves is
+    rank each, which DeepSpeed never unlinks: ``pipeline.dist.release_shm_segment``); any a run leaves is
     removed, so that a failure cannot fill the memory of the tests after it."""
     cmd = train_command(args, nprocs, port)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if nprocs:
-        from pipeline.distributed import remove_shm_segments
+        from pipeline.dist import remove_shm_segments
 
         left = remove_shm_segments(cmd[cmd.index("--master_port") + 1])
         assert proc.returncode != 0 or not left, f"the run left DeepSpeed's shm segments behind: {left}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import distributed as dist  # noqa: E402
+from pipeline import dist  # noqa: E402
 
 MICRO = 8
 
@@ -31,10 +31,10 @@ def main() -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from pipeline.config import PROJECT_ROOT, make_config
-    from pipeline.lora import add_lora
-    from pipeline.loraplus import LoraPlusRates, param_groups
-    from pipeline.model import load_model
-    from pipeline.tiny import ensure_tiny_model
+    from pipeline.model.load import load_model
+    from pipeline.model.lora import add_lora
+    from pipeline.model.tiny import ensure_tiny_model
+    from pipeline.optim.loraplus import LoraPlusRates, param_groups
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)

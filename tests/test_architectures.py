@@ -1,6 +1,6 @@
 """Llama-family layouts (Llama, Mistral, Qwen2: same projection names), saved on disk with several layers, load
 under ZeRO-3 at world size 2 in a fresh process through the launcher, and train: the way a user's pretrained
-checkpoint is met (pipeline/model.py, ``_import_model_class``: transformers' lazy imports inside ``zero.Init`` once
+checkpoint is met (pipeline/model/load.py, ``_import_model_class``: transformers' lazy imports inside ``zero.Init`` once
 lost the ``kernels`` decorator's ``__init__``, and every ZeRO-3 run of a tied checkpoint died at the first forward)."""
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ def _tiny_dir(tmp_path, tiny_model_dir, model_type: str, tied: bool = False, pre
 
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     # The tiny tokenizer's 512 tokens, with room: loaded for a Qwen2 config it is a Qwen2Tokenizer, one token more
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"] + 64

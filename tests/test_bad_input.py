@@ -302,7 +302,7 @@ def test_small_llama_with_a_padded_vocabulary_passes_the_checks(small_llama):
     """The checks refuse nothing that loads: a complete sharded checkpoint, an embedding with more rows than tokens."""
     from types import SimpleNamespace
 
-    from pipeline.model import check_model_dir, load_run_tokenizer
+    from pipeline.model.load import check_model_dir, load_run_tokenizer
 
     assert check_model_dir(str(small_llama))["vocab_size"] == SMALL_VOCAB
     model = SimpleNamespace(name_or_path=str(small_llama), trust_remote_code=False, random_init=False)

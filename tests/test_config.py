@@ -8,9 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distributed
-from pipeline.config import (PROJECT_ROOT, Config, ConfigError, LoraConfig, OptimConfig, TrainConfig, all_keys,
-                             make_config, parse_override, resolve_file, save_config)
+from pipeline import dist
+from pipeline.config import (
+    PROJECT_ROOT,
+    Config,
+    ConfigError,
+    LoraConfig,
+    OptimConfig,
+    TrainConfig,
+    all_keys,
+    make_config,
+    parse_override,
+    resolve_file,
+    save_config,
+)
 
 DS_DIR = PROJECT_ROOT / "deepspeed_configs"
 RECIPES = sorted((PROJECT_ROOT / "launch" / "configs").glob("*.yaml"))
@@ -201,8 +212,8 @@ def test_shipped_recipe_loads_and_its_deepspeed_json_is_valid(recipe):
     assert isinstance(cfg, Config)
     path = resolve_file(cfg.deepspeed_config, "DeepSpeed config", "deepspeed_config")
     assert path.is_file()
-    ds = distributed.read_ds_json(path)
-    assert distributed.zero_stage(ds) in (0, 1, 2, 3)
+    ds = dist.read_ds_json(path)
+    assert dist.zero_stage(ds) in (0, 1, 2, 3)
 
 
 def test_required_deepspeed_jsons_exist():
@@ -212,16 +223,16 @@ def test_required_deepspeed_jsons_exist():
 
 @pytest.mark.parametrize("path", sorted(DS_DIR.glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_json_passes(path):
-    ds = distributed.read_ds_json(path)
+    ds = dist.read_ds_json(path)
     assert isinstance(ds, dict)
 
 
 @pytest.mark.parametrize("name, stage, offload", [
     ("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
 def test_deepspeed_json_stage_and_offload(name, stage, offload):
-    ds = distributed.read_ds_json(DS_DIR / f"{name}.json")
-    assert distributed.zero_stage(ds) == stage
-    assert distributed.offloads_optimizer(ds) is offload
+    ds = dist.read_ds_json(DS_DIR / f"{name}.json")
+    assert dist.zero_stage(ds) == stage
+    assert dist.offloads_optimizer(ds) is offload
 
 
 def _ds(tmp_path, obj) -> Path:
@@ -247,22 +258,22 @@ BASE_DS = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
 ])
 def test_read_ds_json_refuses(tmp_path, extra, needles):
     path = _ds(tmp_path, {**BASE_DS, **extra})
-    raises_config_error(lambda: distributed.read_ds_json(path), str(path), *needles)
+    raises_config_error(lambda: dist.read_ds_json(path), str(path), *needles)
 
 
 def test_read_ds_json_malformed_names_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": ,\n  "x": 1\n}\n')
-    raises_config_error(lambda: distributed.read_ds_json(path), f"{path}:3", "malformed JSON")
+    raises_config_error(lambda: dist.read_ds_json(path), f"{path}:3", "malformed JSON")
     path.write_text("[1, 2]")
-    raises_config_error(lambda: distributed.read_ds_json(path), "JSON object")
+    raises_config_error(lambda: dist.read_ds_json(path), "JSON object")
 
 
 def test_assemble_ds_config_fills_recipe_keys():
     cfg = make_config(overrides=["train.micro_batch_size=3", "train.grad_accum=5", "optim.max_grad_norm=0.5"])
-    ds = distributed.read_ds_json(DS_DIR / "zero2.json")
+    ds = dist.read_ds_json(DS_DIR / "zero2.json")
     snapshot = json.dumps(ds, sort_keys=True)
-    out = distributed.assemble_ds_config(ds, cfg, world_size=4, precision="fp32")
+    out = dist.assemble_ds_config(ds, cfg, world_size=4, precision="fp32")
     assert out["train_micro_batch_size_per_gpu"] == 3
     assert out["gradient_accumulation_steps"] == 5
     assert out["train_batch_size"] == 3 * 5 * 4
@@ -271,39 +282,39 @@ def test_assemble_ds_config_fills_recipe_keys():
     assert "bf16" not in out and "fp16" not in out  # the resolved precision, not the JSON's
     assert json.dumps(ds, sort_keys=True) == snapshot  # the input is not modified
 
-    bf16 = distributed.assemble_ds_config(ds, cfg, world_size=2, precision="bf16")
+    bf16 = dist.assemble_ds_config(ds, cfg, world_size=2, precision="bf16")
     assert bf16["bf16"] == {"enabled": True} and bf16["train_batch_size"] == 3 * 5 * 2
     # A JSON without them still accumulates and reduces gradients in fp32; a JSON's own choice is kept.
-    bare = distributed.assemble_ds_config({"zero_optimization": {"stage": 2}}, cfg, 1, "bf16")
+    bare = dist.assemble_ds_config({"zero_optimization": {"stage": 2}}, cfg, 1, "bf16")
     assert bare["data_types"] == {"grad_accum_dtype": "fp32"} and bare["communication_data_type"] == "fp32"
-    own = distributed.assemble_ds_config({"data_types": {"grad_accum_dtype": "bf16"}}, cfg, 1, "bf16")
+    own = dist.assemble_ds_config({"data_types": {"grad_accum_dtype": "bf16"}}, cfg, 1, "bf16")
     assert own["data_types"]["grad_accum_dtype"] == "bf16"
     # The legacy "bfloat16" block is read as bf16, and written back under the current name with its settings.
-    legacy = distributed.assemble_ds_config({"bfloat16": {"enabled": True, "immediate_grad_update": True}}, cfg, 1,
+    legacy = dist.assemble_ds_config({"bfloat16": {"enabled": True, "immediate_grad_update": True}}, cfg, 1,
                                             "bf16")
     assert "bfloat16" not in legacy and legacy["bf16"] == {"enabled": True, "immediate_grad_update": True}
 
-    fp16 = distributed.assemble_ds_config({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True}}, cfg, 1, "fp16")
+    fp16 = dist.assemble_ds_config({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True}}, cfg, 1, "fp16")
     assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
 
 
 def test_assemble_ds_config_offload_forces_ds_cpu_optimizer():
     cfg = make_config()
-    off = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3_offload.json"), cfg, 1, "bf16")
+    off = dist.assemble_ds_config(dist.read_ds_json(DS_DIR / "zero3_offload.json"), cfg, 1, "bf16")
     assert off["zero_force_ds_cpu_optimizer"] is True
-    plain = distributed.assemble_ds_config(distributed.read_ds_json(DS_DIR / "zero3.json"), cfg, 1, "bf16")
+    plain = dist.assemble_ds_config(dist.read_ds_json(DS_DIR / "zero3.json"), cfg, 1, "bf16")
     assert "zero_force_ds_cpu_optimizer" not in plain
 
 
 def test_precision():
-    resolve = distributed.resolve_precision
-    bf16 = distributed.read_ds_json(DS_DIR / "zero2.json")
+    resolve = dist.resolve_precision
+    bf16 = dist.read_ds_json(DS_DIR / "zero2.json")
     assert resolve(bf16, "auto", False, "z2") == ("fp32", None)  # CPU: fp32 unless asked
     assert resolve(bf16, "auto", True, "z2") == ("bf16", None)
     assert resolve(bf16, "bf16", False, "z2") == ("bf16", None)
     precision, note = resolve(bf16, "fp32", True, "z2.json")
     assert precision == "fp32" and note == "train.precision=fp32 overrides the bf16 of z2.json"
-    zero0 = distributed.read_ds_json(DS_DIR / "zero0.json")
+    zero0 = dist.read_ds_json(DS_DIR / "zero0.json")
     assert resolve(zero0, "auto", True, "z0") == ("fp32", None)
     assert resolve({"fp16": {"enabled": True}}, "auto", True, "j") == ("fp16", None)
     assert resolve({"fp16": {"enabled": True}}, "auto", False, "j") == ("fp32", None)
@@ -317,7 +328,7 @@ def test_precision():
 
 def test_shipped_bf16_configs_accumulate_and_reduce_in_fp32():
     for name in ("zero1", "zero2", "zero3", "zero3_offload"):
-        ds = distributed.read_ds_json(DS_DIR / f"{name}.json")
+        ds = dist.read_ds_json(DS_DIR / f"{name}.json")
         assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32", name
         assert ds["communication_data_type"] == "fp32", name
 

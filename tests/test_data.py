@@ -10,9 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (IGNORE_INDEX, DataError, Sample, collate, epoch_order, global_batch_indices, pack_plan,
-                           rank_micro_batches, tokenize_record, tokenize_records)
-from pipeline.tiny import BUNDLED_DATA, generate_dataset
+from pipeline.data import builtin
+from pipeline.data.builtin import BUNDLED_DATA, generate_dataset
+from pipeline.data.formats import (
+    IGNORE_INDEX,
+    DataError,
+    Sample,
+    collate,
+    epoch_order,
+    global_batch_indices,
+    pack_plan,
+    rank_micro_batches,
+    tokenize_record,
+    tokenize_records,
+)
 from tests.conftest import RECS
 
 
@@ -280,16 +291,15 @@ def test_collate_with_real_tokenizer(tok):
 
 
 def test_bundled_dataset_matches_generator():
-    from pipeline import mmlu, tiny
 
-    expected = "".join(json.dumps(r) + "\n" for r in tiny.bundled_records())
+    expected = "".join(json.dumps(r) + "\n" for r in builtin.bundled_records())
     assert BUNDLED_DATA.read_text() == expected
     records = [json.loads(line) for line in expected.splitlines()]
     mc = [r for r in records if "prompt" in r]
-    assert len(records) == 5000 and len(mc) == tiny.MULTIPLE_CHOICE == 3000
+    assert len(records) == 5000 and len(mc) == builtin.MULTIPLE_CHOICE == 3000
     assert all(r["completion"] in (" A", " B", " C", " D") for r in mc)
     # never one of the bundled MMLU sample's own questions, in any split, and each in lm-eval's 0-shot layout
-    sample = {mmlu.zero_shot_prompt(r, subject) for subject, splits in mmlu.sample_rows().items()
+    sample = {builtin.zero_shot_prompt(r, subject) for subject, splits in builtin.sample_rows().items()
               for rows in splits.values() for r in rows}
     assert not sample & {r["prompt"] for r in mc}
     assert sorted({r["completion"] for r in mc}) == [" A", " B", " C", " D"]

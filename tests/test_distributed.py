@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.schedule import multiplier
+from pipeline.optim.schedule import multiplier
 from tests.conftest import read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
@@ -27,7 +27,7 @@ def instruction_file() -> Path:
     import hashlib
     import tempfile
 
-    from pipeline.tiny import generate_dataset
+    from pipeline.data.builtin import generate_dataset
 
     text = "".join(json.dumps(r) + "\n" for r in generate_dataset())
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -70,7 +70,7 @@ def val_file(root: Path) -> Path:
     """21 held-out samples (an odd count: the two ranks get unequal shares of the validation rows)."""
     path = root / "val.jsonl"
     if not path.exists():
-        from pipeline.tiny import generate_dataset
+        from pipeline.data.builtin import generate_dataset
 
         path.write_text("".join(json.dumps(r) + "\n" for r in generate_dataset(21, seed=9)))
     return path
@@ -499,10 +499,10 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import DataConfig
-    from pipeline.data import IGNORE_INDEX
-    from pipeline.model import load_tokenizer
-    from pipeline.prepared import prepare
-    from pipeline.tiny import generate_dataset
+    from pipeline.data.builtin import generate_dataset
+    from pipeline.data.formats import IGNORE_INDEX
+    from pipeline.data.prepared import prepare
+    from pipeline.model.load import load_tokenizer
 
     def chat(records):
         return [{"messages": [{"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
@@ -544,7 +544,7 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):
-    from pipeline.distributed import cpu_threads_per_rank
+    from pipeline.dist import cpu_threads_per_rank
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -560,7 +560,7 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
 
 
 def test_gpu_index_with_all_or_one_visible_gpu():
-    from pipeline.distributed import gpu_index
+    from pipeline.dist import gpu_index
     from pipeline.errors import UserError
 
     assert gpu_index(3, 8) == 3  # the deepspeed launcher: every rank sees the node's GPUs
@@ -573,7 +573,7 @@ def test_universal_load_gives_each_adam_step_its_own_tensor_on_the_right_device(
     """What DeepSpeed's universal load leaves (one shared CPU tensor, or a number) is repaired: one float32 step per
     parameter, on the parameter's device for fused/capturable AdamW (a CUDA kernel cannot read a host pointer),
     on the CPU otherwise. The meta device stands in for a GPU."""
-    from pipeline.distributed import place_adam_steps
+    from pipeline.dist import place_adam_steps
 
     for fused, zero3 in ((True, False), (False, False), (True, True)):
         params = [torch.nn.Parameter(torch.zeros(2, device="meta")), torch.nn.Parameter(torch.zeros(3, device="meta"))]
@@ -599,7 +599,7 @@ def test_gpu_ranks_share_the_host_cores_and_pick_their_gpu(monkeypatch):
     import deepspeed
     import torch.distributed
 
-    from pipeline import distributed as dist
+    from pipeline import dist
 
     picked = []
     monkeypatch.setattr(dist, "select_accelerator", lambda: True)

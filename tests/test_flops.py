@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import LoraConfig
-from pipeline.flops import batch_flops, flop_model, peak_by_name, peak_tflops
-from pipeline.lora import add_lora
+from pipeline.model.lora import add_lora
+from pipeline.observe.flops import batch_flops, flop_model, peak_by_name, peak_tflops
 
 
 def _model(layers: int = 8):

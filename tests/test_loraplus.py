@@ -12,7 +12,15 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import ConfigError
-from pipeline.loraplus import GROUP_ORDER, LoraPlusRates, classify, describe, numel, param_groups, pick_optimizer
+from pipeline.optim.loraplus import (
+    GROUP_ORDER,
+    LoraPlusRates,
+    classify,
+    describe,
+    numel,
+    param_groups,
+    pick_optimizer,
+)
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, RATIO, LR_EMB, WD = 2e-4, 16.0, 1e-6, 0.01

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.data import IGNORE_INDEX
-from pipeline.loss import (
+from pipeline.data.formats import IGNORE_INDEX
+from pipeline.train.loss import (
     ChunkedCrossEntropy,
     full_token_loss_sum,
     shifted_targets,

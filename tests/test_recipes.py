@@ -66,7 +66,7 @@ def test_llama_recipe_builds_the_published_architecture(name):
     import torch
     from transformers import LlamaForCausalLM
 
-    from pipeline.model import config_value, shape_config
+    from pipeline.model.load import config_value, shape_config
 
     cfg = make_config(REPO / "launch" / "configs" / name)
     expected = dict(PUBLISHED[name])
@@ -86,7 +86,7 @@ def test_llama_recipe_builds_the_published_architecture(name):
 
 def test_weights_of_another_architecture_are_refused(tiny_model_dir):
     from pipeline.errors import UserError
-    from pipeline.model import check_model_dir, check_shape
+    from pipeline.model.load import check_model_dir, check_shape
 
     config = check_model_dir(str(tiny_model_dir))
     cfg = make_config(REPO / "launch" / "configs" / "llama2-7b.yaml")
@@ -100,7 +100,7 @@ def test_recipe_accepts_the_published_config_json(name):
     """The Hub's config.json files of Llama 2 were written by transformers 4.31 and carry no rope_theta; the
     recipes must accept them as they are (and still refuse another model's)."""
     from pipeline.errors import UserError
-    from pipeline.model import check_shape
+    from pipeline.model.load import check_shape
 
     hub = {k: v for k, v in PUBLISHED[name].items() if k != "params"}
     if name.startswith("llama2"):

@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
-from pipeline.schedule import multiplier
+from pipeline import rundir
+from pipeline.optim.schedule import multiplier
+from pipeline.train import checkpoint
 from tests.conftest import REPO, read_metrics, run_train, train_command
 
 pytestmark = pytest.mark.launcher
@@ -74,7 +75,7 @@ def test_stopped_at_8_and_resumed_matches_the_uninterrupted_run(root, stage):
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "stopped by SIGTERM after step 8" in proc.stdout
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
-    assert checkpoint.latest_name(out) == "step-8" and checkpoint.verify(out / "checkpoints" / "step-8") is None
+    assert rundir.latest_name(out) == "step-8" and checkpoint.verify(out / "checkpoints" / "step-8") is None
 
     proc = run_train(args(stage, out), nprocs=2)
     assert "resumed from step-8" in proc.stdout and "RNG states restored per rank" in proc.stdout
@@ -90,7 +91,7 @@ def test_retention_keeps_the_newest_k(root):
     reference(root, "zero3")
     ckpts = sorted(p.name for p in (_REFS["zero3"] / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-12", "step-8"], ckpts  # step-4 deleted once step-12 was complete
-    assert checkpoint.latest_name(_REFS["zero3"]) == "step-12"
+    assert rundir.latest_name(_REFS["zero3"]) == "step-12"
 
 
 def test_finished_run_is_left_alone_and_a_raised_max_steps_continues_it(root, tmp_path):
@@ -165,7 +166,7 @@ def test_sigterm_to_the_job_saves_a_checkpoint_and_exits(root, tmp_path):
     assert "received SIGTERM" in log and "stopped by SIGTERM" in log, log[-3000:]
     rows = read_metrics(out)
     last = rows[-1]["step"]
-    assert last < STEPS and checkpoint.latest_name(out) == f"step-{last}"
+    assert last < STEPS and rundir.latest_name(out) == f"step-{last}"
     assert checkpoint.verify(out / "checkpoints" / f"step-{last}") is None
     run_train(args("zero2", out), nprocs=2)
     assert_same_losses(read_metrics(out), reference(root, "zero2"))
@@ -187,7 +188,7 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(root, tmp_path):
     proc = run_train(args("zero2", out), nprocs=2, check=False, env={"LORAPLUS_FAULT": "save-kill@8"})
     assert proc.returncode != 0
     assert (out / "checkpoints" / ".step-8.tmp").is_dir() and not (out / "checkpoints" / "step-8").exists()
-    assert checkpoint.latest_name(out) == "step-4"
+    assert rundir.latest_name(out) == "step-4"
     proc = run_train(args("zero2", out), nprocs=2)
     assert "removed .step-8.tmp" in proc.stdout and "resumed from step-4" in proc.stdout
     assert_same_losses(read_metrics(out), reference(root, "zero2"))
@@ -295,7 +296,7 @@ def test_nonfinite_step_stops_the_run_when_configured(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     [line] = error_lines(proc)
     assert "step 3" in line and "on_nonfinite=stop" in line
-    assert checkpoint.latest_name(out) == "step-2" and read_metrics(out)[-1]["skipped"] is True
+    assert rundir.latest_name(out) == "step-2" and read_metrics(out)[-1]["skipped"] is True
 
 
 def test_nonfinite_step_skipped_under_zero0(tmp_path):
@@ -393,7 +394,7 @@ def test_resume_on_another_world_size(root, tmp_path, stage, world):
 
 def test_changed_data_and_pre_cache_checkpoints_are_refused():
     from pipeline.errors import UserError
-    from pipeline.resume import check_compatible
+    from pipeline.train.resume import check_compatible
 
     state = {"zero_stage": 2, "precision": "fp32", "data_fingerprint": "a" * 24, "num_samples": 2000}
     check_compatible(state, 2, "fp32", "a" * 24, 2000, "step-5")  # the same cache key: fine

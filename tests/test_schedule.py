@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.schedule import lr_lambda, multiplier
+from pipeline.optim.schedule import lr_lambda, multiplier
 
 NAMES = ("constant", "linear", "cosine")
 

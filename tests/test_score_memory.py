@@ -1,4 +1,4 @@
-"""The CPU scorer's batch size from a memory budget (``pipeline/evaluate.py``): the arithmetic, the batching of
+"""The CPU scorer's batch size from a memory budget (``pipeline/eval/score.py``): the arithmetic, the batching of
 lm-eval's sorted requests, where the budget applies, and its setting. A real scoring run through this path is in
 ``tests/test_mmlu.py`` (``test_cpu_batch_sized_to_the_memory_budget_scores_the_same``); the measured memory is
 ``bench/score_memory.py``'s."""
@@ -14,7 +14,15 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.evaluate import GIB, ChunkSizer, TokenCost, add_eval_args, batch_rows, check_eval_args, memory_budget
+from pipeline.eval.score import (
+    GIB,
+    ChunkSizer,
+    TokenCost,
+    add_eval_args,
+    batch_rows,
+    check_eval_args,
+    memory_budget,
+)
 from tests.conftest import REPO
 
 
@@ -149,7 +157,7 @@ def test_bad_memory_gb_is_one_error_line(script, tmp_path):
 
 def test_background_scorer_passes_the_budget(tmp_path):
     from pipeline.config import make_config
-    from pipeline.scorer import BackgroundScorer
+    from pipeline.eval.scorer import BackgroundScorer
 
     cfg = make_config(None, ["eval.mmlu.memory_gb=6"]).eval.mmlu
     cmd = BackgroundScorer(Path(tmp_path), cfg, active=True).command("cpu")

@@ -1,4 +1,4 @@
-"""The start decision (``pipeline/start.py: decide``), case by case, without a launcher: fresh, resume on the
+"""The start decision (``pipeline/train/start.py: decide``), case by case, without a launcher: fresh, resume on the
 same world size, resume on another (universal, batch split refitted), nothing to do, a run without a complete
 checkpoint, and the checkpoints a start refuses to continue."""
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import ResumePoint
 from pipeline.config import make_config
 from pipeline.errors import UserError
-from pipeline.start import decide
+from pipeline.train.checkpoint import ResumePoint
+from pipeline.train.start import decide
 
 OUT = Path("/runs/x")
 CFG = make_config(None, ["train.max_steps=12", "train.micro_batch_size=2", "train.grad_accum=1"])

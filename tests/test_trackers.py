@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import checkpoint, mmlu_report
+from pipeline import rundir
 from pipeline.config import LoggingConfig
-from pipeline.trackers import Trackers
+from pipeline.eval import report
+from pipeline.observe.trackers import Trackers
+from pipeline.train import checkpoint
 
 
 def _row(step: int, acc: float, stderr: float | None = 0.03) -> dict:
@@ -20,19 +22,19 @@ def _row(step: int, acc: float, stderr: float | None = 0.03) -> dict:
 
 def _run_with_checkpoints(root: Path, steps) -> Path:
     for s in steps:
-        (checkpoint.step_dir(root, s) / "adapter").mkdir(parents=True)
+        (rundir.step_dir(root, s) / "adapter").mkdir(parents=True)
     return root
 
 
 def test_best_follows_the_scores_and_survives_keep_last(tmp_path):
     out = _run_with_checkpoints(tmp_path / "run", [10, 20, 30, 40])
-    assert mmlu_report.choose_best(out) is None and checkpoint.best_name(out) is None  # nothing scored yet
-    mmlu_report.record(out, _row(0, 0.25))  # the base model is never "best": it is not a checkpoint
-    assert checkpoint.best_name(out) is None
+    assert report.choose_best(out) is None and rundir.best_name(out) is None  # nothing scored yet
+    report.record(out, _row(0, 0.25))  # the base model is never "best": it is not a checkpoint
+    assert rundir.best_name(out) is None
     for step, acc, best in ((10, 0.40, "step-10"), (20, 0.55, "step-20"), (30, 0.50, "step-20"),
                             (40, 0.55, "step-20")):  # equal accuracy: the earlier checkpoint stays
-        mmlu_report.record(out, _row(step, acc))
-        assert checkpoint.best_name(out) == best, step
+        report.record(out, _row(step, acc))
+        assert rundir.best_name(out) == best, step
     checkpoint._retain(out, keep_last=1)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-20", "step-40"]
     text = (out / "mmlu.md").read_text()
@@ -46,23 +48,23 @@ def test_best_by_validation_loss_when_nothing_is_scored(tmp_path):
     out = _run_with_checkpoints(tmp_path / "run", [5, 10, 15])
     (out / "val.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n"
                                            for s, v in ((0, 3.0), (5, 2.0), (10, 1.5), (15, 1.7))))
-    assert mmlu_report.choose_best(out) == "step-10" == checkpoint.best_name(out)
+    assert report.choose_best(out) == "step-10" == rundir.best_name(out)
     checkpoint._retain(out, keep_last=1)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-10", "step-15"]
     # a score, once there, decides (MMLU over validation loss)
-    mmlu_report.record(out, _row(15, 0.6))
-    assert checkpoint.best_name(out) == "step-15"
+    report.record(out, _row(15, 0.6))
+    assert rundir.best_name(out) == "step-15"
 
 
 def test_verdict_says_whether_the_gain_is_beyond_the_stderr():
     rows = [_row(0, 0.25, 0.03), _row(15, 0.28, 0.03)]
-    text = mmlu_report.verdict(rows)
+    text = report.verdict(rows)
     assert "+0.0300 over the base model" in text and "stderr is 0.0424" in text and "no clear difference" in text
-    assert "larger than its stderr" in mmlu_report.verdict([_row(0, 0.25), _row(15, 0.40)])
-    worse = mmlu_report.verdict([_row(0, 0.40), _row(15, 0.25)])
+    assert "larger than its stderr" in report.verdict([_row(0, 0.25), _row(15, 0.40)])
+    worse = report.verdict([_row(0, 0.40), _row(15, 0.25)])
     assert "-0.1500 over the base model" in worse and "scores below the base model" in worse
-    assert "base model was not scored" in mmlu_report.verdict([_row(15, 0.40)])
-    assert mmlu_report.verdict([_row(0, 0.25)]) == "No checkpoint scored yet."
+    assert "base model was not scored" in report.verdict([_row(15, 0.40)])
+    assert report.verdict([_row(0, 0.25)]) == "No checkpoint scored yet."
 
 
 def test_loss_plot_has_loss_and_both_learning_rates(tmp_path):
@@ -72,10 +74,10 @@ def test_loss_plot_has_loss_and_both_learning_rates(tmp_path):
     (tmp_path / "val.jsonl").write_text(json.dumps({"step": 30, "val_loss": 0.2}) + "\n")
     import matplotlib.image
 
-    path = mmlu_report.plot_losses(tmp_path)
+    path = report.plot_losses(tmp_path)
     assert path == tmp_path / "loss.png" and matplotlib.image.imread(path).shape[2] in (3, 4)
-    assert mmlu_report.plot_losses(tmp_path / "empty") is None
-    assert mmlu_report.smooth([1.0, 1.0, 1.0]) == [1.0, 1.0, 1.0]  # debiased: no pull towards 0 at the start
+    assert report.plot_losses(tmp_path / "empty") is None
+    assert report.smooth([1.0, 1.0, 1.0]) == [1.0, 1.0, 1.0]  # debiased: no pull towards 0 at the start
 
 
 def test_a_tracker_that_fails_is_one_warning_and_the_rest_goes_on(tmp_path):
@@ -113,8 +115,8 @@ def test_a_tracker_asked_for_but_not_installed_is_refused_in_one_line(monkeypatc
 
     import pytest
 
-    from pipeline import trackers
     from pipeline.errors import UserError
+    from pipeline.observe import trackers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -1,0 +1,2 @@
+"""What a run reports: metrics and progress (``metrics``), TensorBoard / W&B (``trackers``), FLOPs (``flops``), memory
+(``memory``)."""

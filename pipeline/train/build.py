@@ -1,0 +1,57 @@
+"""The model a run trains: base weights (partitioned at load under ZeRO-3), LoRA, the LoRA+ groups, the optimizer
+and the DeepSpeed engine, with the start-of-run summary. Collective: every rank calls :func:`build`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline import dist
+from pipeline.config import Config
+from pipeline.optim import loraplus
+
+
+@dataclass
+class Built:
+    engine: Any  # the DeepSpeed engine
+    model: Any  # the PEFT model it wraps
+    lr_lambda: Callable[[int], float]  # the schedule's multiplier of every group's own lr
+    group_settings: list[dict]  # each LoRA+ group's settings, as resume.restore puts them back
+    meter: Any  # pipeline.observe.memory.MemoryMeter, from before the load
+    zero3: bool
+    ds_hook: Any  # keeps ZeRO-3's partitioned loading alive for the whole run (dist.zero3_load_hook)
+
+
+def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, log) -> Built:
+    """Load the base model, add LoRA, group its parameters for LoRA+ and initialize DeepSpeed on them."""
+    import torch
+
+    from pipeline.model.load import load_model
+    from pipeline.model.lora import add_lora
+    from pipeline.observe.memory import MemoryMeter
+    from pipeline.observe.metrics import describe_load, describe_model
+    from pipeline.optim import schedule
+
+    meter = MemoryMeter(info.device)  # from here on, memory is the model's and the training's
+    hook = dist.zero3_load_hook(ds_config)  # alive = ZeRO-3 partitions weights at load
+    stage = dist.zero_stage(ds_config)
+    torch.manual_seed(cfg.seed)  # model.random_init: the same weights on every rank
+    model = load_model(cfg.model.name_or_path, getattr(torch, dist.TORCH_DTYPES[precision]),
+                       cfg.model.attn_implementation, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code,
+                       random_shape=cfg.model.shape if cfg.model.random_init else None,
+                       init_device=info.device if info.on_gpu and stage < 3 else None)
+    for line in describe_load(model, meter.peak(), dist.local_numel, dist.gather_objects):
+        log.print(line)
+    model = add_lora(model, cfg.lora, cfg.seed)
+    torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
+    rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
+                                   cfg.optim.weight_decay)
+    groups = loraplus.param_groups(model.named_parameters(), rates)
+    optim = dist.build_optimizer(groups, optimizer, cfg.optim.betas, cfg.optim.eps)
+    lr_lambda = schedule.lr_lambda(cfg.schedule.name, cfg.schedule.warmup_steps, cfg.train.max_steps,
+                                   cfg.schedule.min_lr_ratio)
+    for line in describe_model(model, groups, info, stage, dist.optimizer_offload_device(ds_config), precision,
+                               optimizer, dist.local_numel):
+        log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
+    engine, group_settings = dist.initialize(model, optim, lr_lambda, ds_config)
+    return Built(engine, model, lr_lambda, group_settings, meter, stage == 3, hook)

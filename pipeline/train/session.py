@@ -1,0 +1,73 @@
+"""The run around the loop: ``output_dir`` receives (or continues) the run, the resumed state is loaded, and the
+loop trains with its wiring: a checkpoint every ``train.save_every`` steps, at the end and when a signal stops
+the run (``preempt.StopRequest``), the background MMLU scorer after each save, the trackers; then the end of the
+run (``loss.png``, the MMLU table, exit status 128 + signal after a stop). Collective: every rank calls
+:func:`run`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from pipeline import dist
+from pipeline.config import to_dict
+from pipeline.eval import scorer
+from pipeline.observe import trackers
+from pipeline.train import checkpoint, resume
+
+
+def run(req, rt, plan, built, ds_config: dict, info, log, watch, data, pad_id: int) -> None:
+    """Train ``built`` from ``plan`` (a ``start.Start``) to ``train.max_steps``, or until a signal stops it
+    (then exit 128 + signal, a checkpoint saved)."""
+    from pipeline.dist.preempt import StopRequest
+    from pipeline.observe.metrics import Stopwatch
+    from pipeline.train.loop import Progress, train
+
+    cfg, output_dir, engine = plan.cfg, req.output_dir, built.engine
+    checkpoint.start_run(output_dir, req.overwrite, info.rank, cfg, ds_config, plan.resume_step)
+    progress = Progress()
+    if plan.kind == "resume":
+        point = plan.point
+        log.print(resume.restore(engine, point, output_dir, info.rank, info.world_size, built.lr_lambda,
+                                 built.group_settings))
+        progress = Progress(point.step, point.state["nonfinite_steps"], point.state["elapsed_s"])
+        log.start_at(point.step)
+    run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), rt.precision,
+                                     len(data.train), data.key)
+    log.attach(trackers.Trackers(output_dir, cfg.logging, to_dict(cfg), log.print, active=info.rank == 0))
+    mmlu_scorer = scorer.BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0 and req.scoring)
+    mmlu_scorer.begin()  # the base model, as step 0
+
+    def save(p: Progress) -> None:
+        clock = Stopwatch()
+        checkpoint.save(engine, built.model, cfg, output_dir, p.step, info.rank, built.zero3, run_facts(p))
+        log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
+        if not stop.signum:
+            mmlu_scorer.checkpoint_saved()
+
+    try:
+        with StopRequest(announce=info.rank == 0) as stop:
+            built.meter.reset()  # the training peak, apart from the loading peak
+            signum = train(engine, data.train, cfg, info, log, pad_id, save, progress, stop, built.meter, data.val)
+    except BaseException:
+        mmlu_scorer.stop()
+        raise
+    watch.leave()  # the others may end now; rank 0 may still score below
+    from pipeline.eval.report import plot_losses
+
+    if signum:  # say so first: the launcher may forward the signal again (then the exit is at once, as 128 + it)
+        mmlu_scorer.stop()
+        log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
+                  f"same command again to resume")
+        log.close()
+        if info.rank == 0:
+            plot_losses(output_dir)
+        sys.exit(128 + signum)
+    if info.rank == 0:
+        plot_losses(output_dir)
+    log.print(f"done: {cfg.train.max_steps} steps, {log.loss_summary()}; metrics in {output_dir / 'metrics.jsonl'} "
+              f"(plot: loss.png), checkpoints in {output_dir / 'checkpoints'}")
+    if mmlu_scorer.active:
+        log.print("scoring the checkpoints on MMLU (eval.mmlu; eval.mmlu.every_checkpoint=false turns this off)...")
+        log.print(mmlu_scorer.finish() or "")
+    log.close()
