@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks that CPU runs cannot make, prepared as device calls of a few minutes each (one H200 lent
-# through the device tool; prepare the wheels here first with `bash ../shared/device/wheels.sh`, and carry .whl):
+# through the device tool; prepare the wheels here first with `bash bench/gpu_wheels.sh`, and carry .whl):
 #
 #   bash bench/gpu_session.sh pipeline     # ~4 min: the tiny default in bf16 on the GPU, ZeRO-2 and ZeRO-3, the
 #                                          # chunked loss against train.loss_chunk=0, flash_attention_2 if installed
@@ -13,7 +13,7 @@ part=${1:?usage: bash bench/gpu_session.sh pipeline|throughput}
 out=${OUT:-bench/results/gpu_session}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "gpu_session: could not install .whl/ (run bash ../shared/device/wheels.sh here and carry .whl)"; exit 1; }
+    || { echo "gpu_session: could not install .whl/ (run bash bench/gpu_wheels.sh here and carry .whl)"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 

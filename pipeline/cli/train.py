@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     built = build.build(plan.cfg, ds_config, info, rt.precision, rt.optimizer, log)
 
     # 5. Only now, with every input accepted, does output_dir receive (or continue) the run; then train.
-    session.run(req, rt, plan, built, ds_config, info, log, watch, data, tokenizer.pad_token_id)
+    session.run(session.Run(req, rt, plan, built, ds_config, info, log, watch, data, tokenizer.pad_token_id))
 
 
 if __name__ == "__main__":

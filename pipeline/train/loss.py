@@ -9,8 +9,11 @@ peak is one ``[chunk, vocab]`` fp32 block (plus its low-precision twin) instead 
 
 The numerics follow the full path: each chunk's logits are ``F.linear`` in the inputs' dtype cast to fp32 (what
 ``lm_head(h).float()`` gives), and the gradient reaching the matmuls is cast back to the weight's dtype first, as
-autograd does for the ``.float()`` of the full path. No DeepSpeed here: under ZeRO-3 the caller passes a
-``gather`` callable that makes the head's weight whole.
+autograd does for the ``.float()`` of the full path. Under ZeRO-3 the caller passes a ``gather`` callable that
+makes the head's weight whole.
+
+:class:`LossHead` takes the loss of a micro-batch from the DeepSpeed engine: chunked from the final hidden states
+where the model allows it, else from the model's full logits.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline import dist
 from pipeline.data.formats import IGNORE_INDEX
 
 Gather = Callable[[], AbstractContextManager]
@@ -186,3 +190,81 @@ def full_token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """The unchunked loss from ``[B, S, V]`` logits (``train.loss_chunk=0``): the reference and the fallback."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss of a micro-batch, taken from the engine
+
+
+class LossHead:
+    """The next-token loss of a micro-batch: chunked from the final hidden states (``train.loss_chunk`` > 0), so the
+    whole ``[batch, seq, vocab]`` logits never exist, or from the model's full logits.
+
+    The chunked path runs the model as usual but asks it for the logits of one position only
+    (``logits_to_keep``); a forward hook on the decoder keeps its output (the hidden states after the final norm),
+    and :func:`token_loss_sum` computes the loss of the labelled positions from them and the LM
+    head's weight, a chunk at a time. Under ZeRO-3 that weight (the input embedding, if tied) is made whole for it,
+    in the forward and again in the backward: gathered unless ZeRO-3's fetcher has kept it whole since the head's
+    own forward, and partitioned again only if gathered here (:func:`pipeline.dist.whole_for_compute`). A
+    model whose logits are more than ``hidden @ W.T + b`` (Gemma-2's soft-capping, Cohere's logit scale), an LM head
+    with its own adapter, or a forward without ``logits_to_keep`` falls back to the full-logits loss, with a line
+    that says why (``reason``).
+    """
+
+    def __init__(self, engine, chunk: int, zero3: bool):
+        model = engine.module
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.engine, self.chunk, self.zero3 = engine, chunk, zero3
+        self.reason = _why_not_chunked(base, zero3) if chunk > 0 else None
+        self.chunked = chunk > 0 and self.reason is None
+        self._hidden: torch.Tensor | None = None
+        if self.chunked:
+            head = base.get_output_embeddings()
+            self.weight, self.bias = head.weight, head.bias
+            base.get_decoder().register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _gather(self):
+        return dist.whole_for_compute([self.weight] + ([self.bias] if self.bias is not None else []))
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the next-token cross-entropy over the labelled positions (fp32)."""
+        if not self.chunked:
+            logits = self.engine(**inputs).logits
+            ce = full_token_loss_sum(logits, labels)
+            del logits  # the loss saved what backward needs; freeing the logits lowers the peak by their size
+            return ce
+        # The logits of position 0 only, asked for by index: transformers takes the int logits_to_keep=1 as the
+        # slice hidden[:, -1:], a strided view, on which torch 2.13's CPU bf16 matmul with the LM head took 1.6 s
+        # for 8 rows (SmolLM2's 49,152 x 576 head) against 16 ms on the contiguous copy that an index gives.
+        first = torch.zeros(1, dtype=torch.long, device=labels.device)
+        kept = self.engine(**inputs, logits_to_keep=first).logits
+        hidden, self._hidden = self._hidden, None
+        ce = token_loss_sum(hidden, labels, self.weight, self.bias, self.chunk,
+                                    gather=self._gather if self.zero3 else None)
+        # DeepSpeed starts its backward bookkeeping from hooks on the engine's outputs (engine.py
+        # register_output_backward_hooks): without the logits in the graph, BF16_Optimizer never clears its bf16
+        # gradients between micro-batches and counts the first ones twice (grad norm 15.5 instead of 10.0 at
+        # grad_accum 2, measured). Adding them times zero costs one [batch, 1, vocab] backward.
+        return ce + kept.float().sum() * 0.0
+
+
+def _why_not_chunked(base, zero3: bool) -> str | None:
+    """Why the chunked loss cannot stand in for this model's own logits, or None if it can."""
+    import inspect
+
+    config = getattr(base, "config", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain Linear layer (an adapter on lm_head?)"
+    tied = head.weight is base.get_input_embeddings().weight
+    if zero3 and head.weight.requires_grad and not tied:  # see ChunkedCrossEntropy above
+        return "its LM head is trained, untied, under ZeRO-3"
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep argument"
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"its logits are transformed after the LM head (config.{key}={getattr(config, key)})"
+    return None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline import dist
 from pipeline.config import to_dict
@@ -15,14 +17,39 @@ from pipeline.eval import scorer
 from pipeline.observe import trackers
 from pipeline.train import checkpoint, resume
 
+if TYPE_CHECKING:
+    from pipeline.data.prepared import Prepared
+    from pipeline.dist.watchdog import PeerWatch
+    from pipeline.observe.metrics import Reporter
+    from pipeline.train.build import Built
+    from pipeline.train.start import Request, Runtime, Start
 
-def run(req, rt, plan, built, ds_config: dict, info, log, watch, data, pad_id: int) -> None:
-    """Train ``built`` from ``plan`` (a ``start.Start``) to ``train.max_steps``, or until a signal stops it
-    (then exit 128 + signal, a checkpoint saved)."""
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a start has settled before the run begins, from :mod:`pipeline.cli.train`'s phases."""
+
+    req: Request  # the checked recipe, DeepSpeed JSON, output_dir
+    rt: Runtime  # the precision and optimizer this machine resolved
+    plan: Start  # fresh or resumed, and the config the run trains with
+    built: Built  # the engine, the PEFT model, the schedule, the memory meter
+    ds_config: dict  # the DeepSpeed config handed to deepspeed.initialize
+    info: dist.DistInfo
+    log: Reporter
+    watch: PeerWatch
+    data: Prepared  # the train and validation rows
+    pad_id: int
+
+
+def run(r: Run) -> None:
+    """Train ``r.built`` from ``r.plan`` to ``train.max_steps``, or until a signal stops it (then exit 128 +
+    signal, a checkpoint saved)."""
     from pipeline.dist.preempt import StopRequest
     from pipeline.observe.metrics import Stopwatch
-    from pipeline.train.loop import Progress, train
+    from pipeline.train.loop import Progress, Rows, Wiring, train
 
+    req, rt, plan, built, ds_config, info, log, watch, data = (r.req, r.rt, r.plan, r.built, r.ds_config, r.info,
+                                                                r.log, r.watch, r.data)
     cfg, output_dir, engine = plan.cfg, req.output_dir, built.engine
     checkpoint.start_run(output_dir, req.overwrite, info.rank, cfg, ds_config, plan.resume_step)
     progress = Progress()
@@ -48,7 +75,8 @@ def run(req, rt, plan, built, ds_config: dict, info, log, watch, data, pad_id: i
     try:
         with StopRequest(announce=info.rank == 0) as stop:
             built.meter.reset()  # the training peak, apart from the loading peak
-            signum = train(engine, data.train, cfg, info, log, pad_id, save, progress, stop, built.meter, data.val)
+            signum = train(engine, cfg, info, Rows(data.train, data.val, r.pad_id), Wiring(log, save, stop, built.meter),
+                           progress)
     except BaseException:
         mmlu_scorer.stop()
         raise
