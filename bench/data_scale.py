@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.data.builtin import _example  # noqa: E402  (the bundled set's generator)
-from pipeline.dist import remove_shm_segments  # noqa: E402
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 
 
 def generate(path: Path, n: int, per_sample: int, seed: int = 0) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.dist import remove_shm_segments  # noqa: E402
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 from pipeline.observe.flops import PEAK_TFLOPS  # noqa: E402
 
 # ours: the default chunked loss (train.loss_chunk); ours-full: the same with the full-logits loss (loss_chunk=0).

@@ -38,7 +38,7 @@ def one_run(work: Path, lr: float, args, extra: list[str]) -> dict:
            f"train.max_steps={args.steps}", f"train.eval_every={max(1, args.steps // 4)}", "train.save_every=0",
            "data.val_fraction=0.02", "eval.mmlu.every_checkpoint=false", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    from pipeline.dist import remove_shm_segments
+    from pipeline.distributed import remove_shm_segments
 
     remove_shm_segments(str(port))
     if proc.returncode != 0:

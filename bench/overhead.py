@@ -54,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.dist import remove_shm_segments  # noqa: E402
+from pipeline.distributed import remove_shm_segments  # noqa: E402
 
 SIDES = {"ours": REPO / "launch" / "train.py", "baseline": REPO / "bench" / "hf_trainer_baseline.py"}
 DEFAULTS = ["schedule.name=constant", "schedule.warmup_steps=0", "lora.dropout=0", "eval.mmlu.every_checkpoint=false",

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
     check_model_dir(base)
 
-    from pipeline import dist
+    from pipeline import distributed as dist
     from pipeline.observe.metrics import quiet_library_warnings
 
     dist.select_accelerator()  # PEFT imports DeepSpeed when installed; let it find no GPU without guessing

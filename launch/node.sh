@@ -19,7 +19,7 @@
 # what they mean here); the script finds launch/train.py from its own location. One is node.sh's own:
 #   --max-restarts N  after a crash, start the training again, up to N times (default LORAPLUS_MAX_RESTARTS, else
 #                     0): it resumes from the newest complete checkpoint. Run every node with the same N: a crash
-#                     anywhere ends every node's ranks (LORAPLUS_PEER_TIMEOUT, see pipeline/dist/watchdog.py), so each
+#                     anywhere ends every node's ranks (LORAPLUS_PEER_TIMEOUT, see pipeline/distributed/watchdog.py), so each
 #                     node restarts once per crash, and restart K meets at MASTER_PORT + K (a fresh rendezvous: the
 #                     old one may still be up while the last ranks end). Not restarted: a finished run (0), bad
 #                     input (2), a stop by a signal (128 + N); at the cap one line says so (the crash's status). Under

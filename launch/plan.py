@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import dist  # noqa: E402
+from pipeline import distributed as dist  # noqa: E402
 from pipeline.config import make_config, resolve_file  # noqa: E402
 from pipeline.errors import UserError, exit_on_user_error  # noqa: E402
 

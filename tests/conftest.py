@@ -100,13 +100,13 @@ def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | 
     """Run launch/train.py to completion (see ``train_command``); ``env`` adds environment variables.
 
     A multi-rank run that succeeds must leave none of DeepSpeed's shm segments in /dev/shm (66 MiB of RAM per
-    rank each, which DeepSpeed never unlinks: ``pipeline.dist.release_shm_segment``); any a run leaves is
+    rank each, which DeepSpeed never unlinks: ``pipeline.distributed.release_shm_segment``); any a run leaves is
     removed, so that a failure cannot fill the memory of the tests after it."""
     cmd = train_command(args, nprocs, port)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if nprocs:
-        from pipeline.dist import remove_shm_segments
+        from pipeline.distributed import remove_shm_segments
 
         left = remove_shm_segments(cmd[cmd.index("--master_port") + 1])
         assert proc.returncode != 0 or not left, f"the run left DeepSpeed's shm segments behind: {left}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import dist  # noqa: E402
+from pipeline import distributed as dist  # noqa: E402
 
 MICRO = 8
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.config import (
     PROJECT_ROOT,
     Config,

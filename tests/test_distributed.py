@@ -544,7 +544,7 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):
-    from pipeline.dist import cpu_threads_per_rank
+    from pipeline.distributed import cpu_threads_per_rank
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -560,7 +560,7 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
 
 
 def test_gpu_index_with_all_or_one_visible_gpu():
-    from pipeline.dist import gpu_index
+    from pipeline.distributed import gpu_index
     from pipeline.errors import UserError
 
     assert gpu_index(3, 8) == 3  # the deepspeed launcher: every rank sees the node's GPUs
@@ -573,7 +573,7 @@ def test_universal_load_gives_each_adam_step_its_own_tensor_on_the_right_device(
     """What DeepSpeed's universal load leaves (one shared CPU tensor, or a number) is repaired: one float32 step per
     parameter, on the parameter's device for fused/capturable AdamW (a CUDA kernel cannot read a host pointer),
     on the CPU otherwise. The meta device stands in for a GPU."""
-    from pipeline.dist import place_adam_steps
+    from pipeline.distributed import place_adam_steps
 
     for fused, zero3 in ((True, False), (False, False), (True, True)):
         params = [torch.nn.Parameter(torch.zeros(2, device="meta")), torch.nn.Parameter(torch.zeros(3, device="meta"))]
@@ -599,7 +599,7 @@ def test_gpu_ranks_share_the_host_cores_and_pick_their_gpu(monkeypatch):
     import deepspeed
     import torch.distributed
 
-    from pipeline import dist
+    from pipeline import distributed as dist
 
     picked = []
     monkeypatch.setattr(dist, "select_accelerator", lambda: True)

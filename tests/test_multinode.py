@@ -205,7 +205,7 @@ def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # n
 
 
 PEER_TIMEOUT = 10  # LORAPLUS_PEER_TIMEOUT in these tests (60 by default)
-PEER_INTERVAL = max(1.0, min(5.0, PEER_TIMEOUT / 6))  # pipeline/dist/watchdog.py's beat interval for it
+PEER_INTERVAL = max(1.0, min(5.0, PEER_TIMEOUT / 6))  # pipeline/distributed/watchdog.py's beat interval for it
 
 
 def wait_until(what: str, check, timeout: float, job: "Job | None" = None, poll: float = 0.1):
@@ -220,7 +220,7 @@ def wait_until(what: str, check, timeout: float, job: "Job | None" = None, poll:
 
 
 def fault_record(path: Path) -> tuple[float, int]:
-    """When and in which process a LORAPLUS_FAULT_ONCE fault fired (pipeline/dist/faults.py)."""
+    """When and in which process a LORAPLUS_FAULT_ONCE fault fired (pipeline/distributed/faults.py)."""
     at, pid = path.read_text().split()
     return float(at), int(pid)
 

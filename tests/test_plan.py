@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.config import make_config
-from pipeline.dist import read_ds_json
+from pipeline.distributed import read_ds_json
 from tests.conftest import REPO, read_metrics, run_train
 
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
-from pipeline.dist import preempt
+from pipeline.distributed import preempt
 
 
 def test_first_signal_asks_a_repeat_is_ignored_a_later_one_aborts(monkeypatch):

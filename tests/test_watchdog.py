@@ -1,4 +1,4 @@
-"""The peer watch (pipeline/dist/watchdog.py) against a real TCPStore in this process, and the lost-peer exit of
+"""The peer watch (pipeline/distributed/watchdog.py) against a real TCPStore in this process, and the lost-peer exit of
 pipeline/errors.py: which rank is declared dead, when, and what the others do. The launcher-level tests (a frozen
 rank through node.sh, a SIGKILLed rank under SLURM) are in tests/test_multinode.py."""
 
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipeline.dist import watchdog
+from pipeline.distributed import watchdog
 from pipeline.errors import lost_peer
 from tests.conftest import REPO
 

@@ -9,13 +9,13 @@ around it.
 
 Without --config it runs the embedded default: a tiny Llama built offline, the bundled data, ZeRO-2.
 An output_dir that already holds the run is resumed from its newest complete checkpoint; --overwrite starts again.
-SIGTERM/SIGINT save a checkpoint and exit with status 128 + signal (see pipeline/dist/preempt.py).
+SIGTERM/SIGINT save a checkpoint and exit with status 128 + signal (see pipeline/distributed/preempt.py).
 """
 
 import argparse
 
-from pipeline import dist  # light until init() is called
-from pipeline.dist import preempt, watchdog
+from pipeline import distributed as dist  # light until init() is called
+from pipeline.distributed import preempt, watchdog
 from pipeline.errors import exit_on_user_error
 from pipeline.train import start
 

@@ -223,7 +223,7 @@ def _decoder_blocks(model) -> list[torch.nn.Module]:
 
 def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, device: str = "gpu") -> Plan:
     """One rank's memory for ``cfg`` on ``gpus`` ranks (``device='cpu'``: the CPU layout the tests measure)."""
-    from pipeline import dist
+    from pipeline import distributed as dist
     from pipeline.optim.loraplus import LoraPlusRates, numel, param_groups
 
     if gpus < 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.config import Config
 from pipeline.optim import loraplus
 

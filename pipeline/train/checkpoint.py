@@ -41,9 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.config import Config, save_config
-from pipeline.dist import faults
+from pipeline.distributed import faults
 from pipeline.errors import RunError, UserError
 from pipeline.files import atomic_write_text, locked
 from pipeline.rundir import (

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.config import Config
 from pipeline.data.formats import IGNORE_INDEX, collate, rank_micro_batches
-from pipeline.dist import faults
-from pipeline.dist.preempt import StopRequest
+from pipeline.distributed import faults
+from pipeline.distributed.preempt import StopRequest
 from pipeline.errors import RunError
 from pipeline.observe.flops import batch_flops, flop_model, peak_tflops
 from pipeline.observe.memory import MemoryMeter

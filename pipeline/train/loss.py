@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.data.formats import IGNORE_INDEX
 
 Gather = Callable[[], AbstractContextManager]
@@ -205,7 +205,7 @@ class LossHead:
     and :func:`token_loss_sum` computes the loss of the labelled positions from them and the LM
     head's weight, a chunk at a time. Under ZeRO-3 that weight (the input embedding, if tied) is made whole for it,
     in the forward and again in the backward: gathered unless ZeRO-3's fetcher has kept it whole since the head's
-    own forward, and partitioned again only if gathered here (:func:`pipeline.dist.whole_for_compute`). A
+    own forward, and partitioned again only if gathered here (:func:`pipeline.distributed.whole_for_compute`). A
     model whose logits are more than ``hidden @ W.T + b`` (Gemma-2's soft-capping, Cohere's logit scale), an LM head
     with its own adapter, or a forward without ``logits_to_keep`` falls back to the full-logits loss, with a line
     that says why (``reason``).

@@ -112,7 +112,7 @@ def restore(engine, point, output_dir: Path, rank: int, world_size: int, lr_lamb
     """
     import shutil
 
-    from pipeline import dist
+    from pipeline import distributed as dist
     from pipeline.errors import RunError
     from pipeline.train import checkpoint
 

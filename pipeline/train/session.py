@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline import dist
+from pipeline import distributed as dist
 from pipeline.config import to_dict
 from pipeline.eval import scorer
 from pipeline.observe import trackers
@@ -19,7 +19,7 @@ from pipeline.train import checkpoint, resume
 
 if TYPE_CHECKING:
     from pipeline.data.prepared import Prepared
-    from pipeline.dist.watchdog import PeerWatch
+    from pipeline.distributed.watchdog import PeerWatch
     from pipeline.observe.metrics import Reporter
     from pipeline.train.build import Built
     from pipeline.train.start import Request, Runtime, Start
@@ -44,7 +44,7 @@ class Run:
 def run(r: Run) -> None:
     """Train ``r.built`` from ``r.plan`` to ``train.max_steps``, or until a signal stops it (then exit 128 +
     signal, a checkpoint saved)."""
-    from pipeline.dist.preempt import StopRequest
+    from pipeline.distributed.preempt import StopRequest
     from pipeline.observe.metrics import Stopwatch
     from pipeline.train.loop import Progress, Rows, Wiring, train
 

@@ -20,9 +20,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import dist, files
+from pipeline import distributed as dist
+from pipeline import files
 from pipeline.config import Config, make_config, resolve_file
-from pipeline.dist import watchdog
+from pipeline.distributed import watchdog
 from pipeline.errors import UserError
 from pipeline.eval import scorer
 from pipeline.model import tiny

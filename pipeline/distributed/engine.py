@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from pipeline.config import Config, ConfigError
+
+from pipeline.distributed.ds_config import zero_stage
 
 
 def zero3_load_hook(ds_config: dict):

@@ -5,13 +5,11 @@ DeepSpeed's CPU shared-memory segments, and barrier / all-reduce / gather / broa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from pipeline.config import Config, ConfigError
 
 
 def env_rank() -> int:
@@ -27,9 +25,6 @@ def set_single_process_defaults() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-BF16_KEYS = ("bf16", "bfloat16")  # DeepSpeed still reads the legacy "bfloat16" block (runtime/config.py)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,7 @@ truth). Imports nothing heavy, so bad input is reported before torch or DeepSpee
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from pipeline.config import Config, ConfigError
@@ -82,6 +78,9 @@ def offloads_optimizer(ds: dict) -> bool:
 
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names; torch is imported lazily
+
+
+BF16_KEYS = ("bf16", "bfloat16")  # DeepSpeed still reads the legacy "bfloat16" block (runtime/config.py)
 
 
 def json_precision(ds: dict) -> str:
