@@ -600,9 +600,10 @@ def test_gpu_ranks_share_the_host_cores_and_pick_their_gpu(monkeypatch):
     import torch.distributed
 
     from pipeline import distributed as dist
+    from pipeline.distributed import comm
 
     picked = []
-    monkeypatch.setattr(dist, "select_accelerator", lambda: True)
+    monkeypatch.setattr(comm, "select_accelerator", lambda: True)  # where init() looks it up
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
