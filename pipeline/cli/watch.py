@@ -25,10 +25,9 @@ from pipeline.eval.score import add_eval_args, check_eval_args, evaluate_one
 
 def wanted(args, cache: Path) -> dict:
     """The setting (data, shots, limit) this watcher scores with, as ``mmlu.json`` records it."""
-    from pipeline.eval.score import data_dir
+    from pipeline.eval.score import data_dir, data_label
 
-    data = data_dir(args, cache)
-    return {"data": str(data) if data else "cais/mmlu (hub)", "num_fewshot": args.num_fewshot, "limit": args.limit}
+    return {"data": data_label(data_dir(args, cache)), "num_fewshot": args.num_fewshot, "limit": args.limit}
 
 
 def run_config(run: Path) -> dict:

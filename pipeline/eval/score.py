@@ -75,6 +75,17 @@ def data_dir(args, cache: Path):
     return None if args.hub else mmlu.resolve(args.mmlu_data, args.num_fewshot, cache)
 
 
+def data_label(data: Path | None) -> str:
+    """How a score records its data: ``sample`` for the bundled sample (the same name wherever the package is
+    installed, so that a checkout's watcher and an installed wheel's scorer agree on a run's setting), else the
+    directory, or the hub."""
+    from pipeline.data.builtin import SAMPLE
+
+    if data is None:
+        return "cais/mmlu (hub)"
+    return "sample" if Path(data).resolve() == SAMPLE.resolve() else str(data)
+
+
 def default_device(args) -> str:
     if args.device:
         return args.device
@@ -461,7 +472,7 @@ def summarize(results: dict, tgt: Target, num_fewshot: int, limit: int | None, d
         "limit": limit,
         "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
         "model": tgt.identity(),
-        "data": str(data) if data else "cais/mmlu (hub)",
+        "data": data_label(data),
         "wall_s": round(wall, 2),
     }
 

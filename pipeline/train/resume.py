@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline import rundir
-from pipeline.config import Config, ConfigError, make_config, to_dict
+from pipeline.config import BUILTIN_DATA, Config, ConfigError, make_config, to_dict
 from pipeline.errors import UserError
 
 # Settings that may change between starts: where and how long to run, how often to save, and how the (same)
@@ -37,6 +37,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _portable(flat: dict) -> dict:
+    """``flat`` with the bundled data file named by its ``builtin:`` name: its path differs between a checkout and
+    an installed wheel (and from one installed version to the next), its content does not, and the start decision
+    compares the content of the data anyway (``start.decide``: the same tokens)."""
+    if str(flat.get("data.path", "")).replace("\\", "/").endswith("/pipeline/data/assets/tiny_instruct.jsonl"):
+        flat["data.path"] = BUILTIN_DATA
+    return flat
+
+
 def check_same_experiment(output_dir: Path, cfg: Config) -> None:
     """Refuse to continue a run whose recorded recipe differs from ``cfg`` in a setting that matters."""
     saved_path = output_dir / "config.yaml"
@@ -44,11 +53,11 @@ def check_same_experiment(output_dir: Path, cfg: Config) -> None:
         raise UserError(f"output_dir {output_dir} holds files of a run but no config.yaml, so it cannot be "
                         f"resumed; pass --overwrite to delete them and start again, or choose another output_dir=...")
     try:
-        saved = _flat(to_dict(make_config(saved_path)))
+        saved = _portable(_flat(to_dict(make_config(saved_path))))
     except ConfigError as e:
         raise UserError(f"the run in output_dir {output_dir} cannot be resumed: {e}; pass --overwrite to start "
                         f"again, or choose another output_dir=...") from None
-    new = _flat(to_dict(cfg))
+    new = _portable(_flat(to_dict(cfg)))
     diffs = [f"{k}: {saved.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(saved) | set(new))
              if k not in MAY_CHANGE and saved.get(k) != new.get(k)]
     if diffs:
