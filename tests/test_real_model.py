@@ -95,7 +95,7 @@ def test_trains_with_the_loss_falling_and_the_ratio_held(runs, name):
 def test_zero3_partitions_the_real_model(runs):
     """ZeRO-3 holds half the base weights on each of the 2 ranks, loaded shard by shard (the tied head is the
     embedding), and its fp32 losses follow ZeRO-2's bf16 ones within bf16's rounding (a wrongly loaded or
-    partitioned weight would be off by far more: the first loss alone is 1.5-3)."""
+    partitioned weight would be off by far more)."""
     out, stdout = runs["zero3"]
     assert "memory: rank 0 holds 67,257,504 of 134,515,008 base parameters (50.0%)" in stdout
     z2 = read_metrics(runs["zero2-bf16"][0])
