@@ -30,7 +30,7 @@ from tests.conftest import REPO, read_metrics, run_train
 
 STEPS = 6
 LR = 1e-4  # the SmolLM2 recipe's (launch/configs/smollm2-135m.yaml); the embedded default's 1e-3 overshoots
-COMMON = ["data.val_fraction=0.02", f"train.max_steps={STEPS}", "train.seq_len=128", "train.micro_batch_size=4",
+COMMON = ["data.val_fraction=0.01", f"train.max_steps={STEPS}", "train.seq_len=128", "train.micro_batch_size=4",
           "train.save_every=3", f"optim.lr={LR}", "schedule.name=constant", "seed=5"]
 
 
@@ -94,13 +94,14 @@ def test_trains_with_the_loss_falling_and_the_ratio_held(runs, name):
 
 def test_zero3_partitions_the_real_model(runs):
     """ZeRO-3 holds half the base weights on each of the 2 ranks, loaded shard by shard (the tied head is the
-    embedding), and its fp32 losses follow ZeRO-2's bf16 ones within bf16's rounding (a wrongly loaded or
-    partitioned weight would be off by far more)."""
+    embedding), and before any update it computes what ZeRO-2 computes: the first step's loss and the base model's
+    held-out loss agree with the ZeRO-2 bf16 run's within bf16's rounding (3.7e-3 and 8.5e-3 measured; a wrongly
+    loaded or partitioned weight would be off by far more). Later steps drift apart with bf16's updates (0.095 at step 5)."""
     out, stdout = runs["zero3"]
     assert "memory: rank 0 holds 67,257,504 of 134,515,008 base parameters (50.0%)" in stdout
-    z2 = read_metrics(runs["zero2-bf16"][0])
-    z3 = read_metrics(out)
-    assert [r["loss"] for r in z3] == pytest.approx([r["loss"] for r in z2], abs=5e-2)
+    z2, z3 = runs["zero2-bf16"][0], out
+    assert read_metrics(z3)[0]["loss"] == pytest.approx(read_metrics(z2)[0]["loss"], abs=1e-2)
+    assert _val(z3)[0] == pytest.approx(_val(z2)[0], abs=2e-2)
 
 
 def test_stop_and_resume_give_the_uninterrupted_losses(runs):
