@@ -200,6 +200,13 @@ class LoraConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Module names to adapt; the default is every attention and MLP projection of a Llama block."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski, arXiv 2312.03732): scale the update by ``alpha / sqrt(r)`` instead of
+    ``alpha / r`` (PEFT's ``use_rslora``, saved as such in the adapter's config)."""
+    use_dora: bool = False
+    """DoRA (Liu et al., arXiv 2402.09353): each adapted weight as a magnitude vector times a LoRA-updated
+    direction (PEFT's ``use_dora``). The magnitudes train in a group of their own, at ``optim.dora_magnitude_ratio``
+    times lr_A, without weight decay."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"must be >= 1; got {self.r}")
@@ -219,6 +226,9 @@ class OptimConfig:
     """lambda = lr_B / lr_A. 1 gives plain LoRA."""
     loraplus_lr_embedding: float = 1e-6
     """Learning rate of LoRA adapters on embedding layers (both A and B), as in the LoRA+ reference code."""
+    dora_magnitude_ratio: float = 1.0
+    """lr of DoRA's magnitude vectors / lr_A (``lora.use_dora``). Peers put them into B's group (lambda times lr_A,
+    with B's weight decay) because they are 1-D; here they have a group and an lr of their own."""
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices; biases and norms never decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -235,6 +245,8 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
         _check(self.loraplus_ratio > 0, "optim.loraplus_ratio", f"must be > 0; got {self.loraplus_ratio}")
         _check(self.loraplus_lr_embedding >= 0, "optim.loraplus_lr_embedding", "must be >= 0")
+        _check(self.dora_magnitude_ratio > 0, "optim.dora_magnitude_ratio",
+               f"must be > 0; got {self.dora_magnitude_ratio}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"must be two numbers in [0, 1); got {self.betas}")

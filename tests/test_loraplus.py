@@ -123,6 +123,7 @@ def test_group_order_with_every_group():
         ("m.q_proj.lora_A.default.weight", par((4, 8))),
         ("m.q_proj.base_layer.bias", par((8,))),
         ("m.embed_tokens.lora_embedding_A.default", par((4, 16))),
+        ("m.q_proj.lora_magnitude_vector.default.weight", par((8,))),
     ]
     groups = param_groups(named, RATES)
     assert tuple(g["name"] for g in groups) == GROUP_ORDER
@@ -133,11 +134,11 @@ def test_group_order_with_every_group():
     assert g["lora_embedding"]["param_names"] == ["m.embed_tokens.lora_embedding_B.default",
                                                   "m.embed_tokens.lora_embedding_A.default"]
     lrs = {k: v["lr"] for k, v in g.items()}
-    assert lrs == {"lora_A": LR, "lora_B": LR * RATIO, "lora_B_no_decay": LR * RATIO, "lora_embedding": LR_EMB,
-                   "other": LR, "no_decay": LR}
+    assert lrs == {"lora_A": LR, "lora_B": LR * RATIO, "lora_B_no_decay": LR * RATIO, "magnitude": LR,
+                   "lora_embedding": LR_EMB, "other": LR, "no_decay": LR}
     wds = {k: v["weight_decay"] for k, v in g.items()}
-    assert wds == {"lora_A": WD, "lora_B": WD, "lora_B_no_decay": 0.0, "lora_embedding": WD, "other": WD,
-                   "no_decay": 0.0}
+    assert wds == {"lora_A": WD, "lora_B": WD, "lora_B_no_decay": 0.0, "magnitude": 0.0, "lora_embedding": WD,
+                   "other": WD, "no_decay": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,3 +360,52 @@ def test_cpu_adam_on_gpu_needs_offload():
     with pytest.raises(ConfigError, match="offload_optimizer"):
         pick_optimizer("cpu_adam", offload_optimizer=False, on_gpu=True)
     assert pick_optimizer("cpu_adam", offload_optimizer=False, on_gpu=False) == "cpu_adam"  # CPU params: fine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LoRA family: DoRA's magnitudes in a group of their own, rsLoRA's scaling
+
+
+def test_dora_magnitudes_get_their_own_group_and_lr():
+    """A real PEFT DoRA model: every magnitude vector (one per adapted layer) in ``magnitude`` at
+    lr_A x dora_magnitude_ratio without weight decay; A and B as in LoRA+. Under simulated ZeRO-3 (empty 1-D
+    partitions) the same groups."""
+    model = tiny_lora(use_dora=True)
+    rates = LoraPlusRates(lr=LR, ratio=RATIO, lr_embedding=LR_EMB, weight_decay=WD, magnitude_ratio=4.0)
+    groups = param_groups(trainable(model), rates)
+    check_invariants(groups, model)
+    g = by_name(groups)
+    assert list(g) == ["lora_A", "lora_B", "magnitude"]
+    assert len(g["magnitude"]["params"]) == len(g["lora_A"]["params"]) == 2 * len(PROJ)
+    assert all("lora_magnitude_vector" in n for n in g["magnitude"]["param_names"])
+    assert (g["magnitude"]["lr"], g["magnitude"]["weight_decay"]) == (LR * 4.0, 0.0)
+    assert (g["lora_B"]["lr"], g["lora_B"]["weight_decay"]) == (LR * RATIO, WD)
+    partitioned = [(n, _partitioned(tuple(p.shape))) for n, p in trainable(model)]
+    assert [(x["name"], x["param_names"]) for x in param_groups(partitioned, rates)] == \
+           [(x["name"], x["param_names"]) for x in groups]
+
+
+def test_peft_puts_dora_magnitudes_into_b_at_lambda():
+    """The trap this group avoids, shown on PEFT's own LoRA+ optimizer: DoRA's 1-D magnitudes land in B's group
+    (lr_A x lambda, B's weight decay)."""
+    model = tiny_lora(use_dora=True)
+    opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO,
+                                    weight_decay=WD)
+    lrs = lr_by_id(opt.param_groups)
+    magnitudes = [p for n, p in trainable(model) if "lora_magnitude_vector" in n]
+    assert magnitudes and {lrs[id(p)] for p in magnitudes} == {LR * RATIO}
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    """``lora.use_rslora``: PEFT's scaling alpha / sqrt(r) (8 / 2 at r=4), against alpha / r (2) without it."""
+    from pipeline.config import LoraConfig as OurLora
+    from pipeline.model.lora import add_lora
+
+    def scaling(use_rslora: bool) -> set[float]:
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128)
+        model = add_lora(LlamaForCausalLM(cfg), OurLora(r=4, alpha=8.0, use_rslora=use_rslora), seed=0)
+        assert model.peft_config["default"].use_rslora is use_rslora
+        return {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+
+    assert scaling(True) == {4.0} and scaling(False) == {2.0}

@@ -12,7 +12,9 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Mod
     """Wrap ``model`` in a PEFT ``PeftModel`` with LoRA adapters on ``cfg.target_modules``.
 
     The adapters are initialised right after ``torch.manual_seed(seed)``, so every rank (and every ZeRO stage)
-    starts from identical A matrices; B starts at zero as in LoRA.
+    starts from identical A matrices; B starts at zero as in LoRA. ``lora.use_rslora`` and ``lora.use_dora`` are
+    PEFT's own options; with DoRA, PEFT computes each magnitude from the base weight's row norms at injection,
+    gathering a ZeRO-3 partitioned weight for it.
 
     Raises:
         UserError: a target module name matches nothing in the model.
@@ -21,7 +23,8 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Mod
     from peft import get_peft_model
 
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                              target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     torch.manual_seed(seed)
     try:
         # autocast_adapter_dtype=False: adapters take the base model's dtype at every ZeRO stage. (PEFT would

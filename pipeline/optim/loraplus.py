@@ -13,10 +13,17 @@ group               parameters                      lr            weight decay
 ``lora_A``          ``*.lora_A.*.weight``           lr            weight_decay
 ``lora_B``          ``*.lora_B.*.weight``           lr * ratio    weight_decay
 ``lora_B_no_decay`` ``*.lora_B.*.bias``             lr * ratio    0
+``magnitude``       ``*.lora_magnitude_vector.*``   lr * m_ratio  0
 ``lora_embedding``  ``*.lora_embedding_A/B.*``      lr_embedding  weight_decay
 ``other``           any other trainable matrix      lr            weight_decay
 ``no_decay``        other biases and norm weights   lr            0
 ==================  ==============================  ============  =========================================
+
+``magnitude`` holds DoRA's magnitude vectors (``lora.use_dora``; Liu et al., arXiv 2402.09353), one per adapted
+layer: 1-D, so PEFT's ``create_loraplus_optimizer`` (and LLaMA-Factory's and ms-swift's copies) put them into B's
+group at lr * ratio, with B's weight decay. Here they get a group and an lr of their own
+(``optim.dora_magnitude_ratio`` times lr_A) and no weight decay: they are the scale of each output row of the
+adapted weight, and decaying them would shrink the weight itself.
 
 Every trainable parameter lands in exactly one group (asserted), and no empty group is ever created (DeepSpeed
 drops empty groups in place, which desynchronises a scheduler built earlier).
@@ -31,7 +38,7 @@ import torch
 
 from pipeline.config import ConfigError
 
-GROUP_ORDER = ("lora_A", "lora_B", "lora_B_no_decay", "lora_embedding", "other", "no_decay")
+GROUP_ORDER = ("lora_A", "lora_B", "lora_B_no_decay", "magnitude", "lora_embedding", "other", "no_decay")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class LoraPlusRates:
     lr_embedding: float
     """lr of embedding adapters."""
     weight_decay: float
+    magnitude_ratio: float = 1.0
+    """lr of DoRA's magnitude vectors / lr."""
 
 
 def _is_no_decay(name: str) -> bool:
@@ -61,6 +70,8 @@ def classify(name: str) -> str:
         One of :data:`GROUP_ORDER`.
     """
     parts = name.split(".")
+    if "lora_magnitude_vector" in parts:
+        return "magnitude"
     if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
         return "lora_embedding"
     if "lora_A" in parts:
@@ -73,6 +84,8 @@ def classify(name: str) -> str:
 def _group_lr(group: str, rates: LoraPlusRates) -> float:
     if group in ("lora_B", "lora_B_no_decay"):
         return rates.lr * rates.ratio
+    if group == "magnitude":
+        return rates.lr * rates.magnitude_ratio
     if group == "lora_embedding":
         return rates.lr_embedding
     return rates.lr
@@ -112,7 +125,7 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], rates: 
             "params": [p for _, p in members],
             "param_names": [n for n, _ in members],
             "lr": _group_lr(g, rates),
-            "weight_decay": 0.0 if g in ("lora_B_no_decay", "no_decay") else rates.weight_decay,
+            "weight_decay": 0.0 if g in ("lora_B_no_decay", "magnitude", "no_decay") else rates.weight_decay,
         })
 
     # Full coverage, each parameter exactly once (by identity: tied weights would show up here).

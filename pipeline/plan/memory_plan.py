@@ -242,7 +242,7 @@ def make_plan(cfg: Config, ds_json: dict, gpus: int, gpu_mem_gb: float = 80.0, d
     params = list(model.parameters())
     frozen = sum(numel(p) for p in params if not p.requires_grad)
     rates = LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
-                          cfg.optim.weight_decay)
+                          cfg.optim.weight_decay, cfg.optim.dora_magnitude_ratio)
     groups = {g["name"]: sum(numel(p) for p in g["params"]) for g in param_groups(model.named_parameters(), rates)}
     lora = sum(groups.values())
     total_params = frozen + lora

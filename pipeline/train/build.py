@@ -45,7 +45,7 @@ def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, lo
     model = add_lora(model, cfg.lora, cfg.seed)
     torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
     rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
-                                   cfg.optim.weight_decay)
+                                   cfg.optim.weight_decay, cfg.optim.dora_magnitude_ratio)
     groups = loraplus.param_groups(model.named_parameters(), rates)
     optim = dist.build_optimizer(groups, optimizer, cfg.optim.betas, cfg.optim.eps)
     lr_lambda = schedule.lr_lambda(cfg.schedule.name, cfg.schedule.warmup_steps, cfg.train.max_steps,
