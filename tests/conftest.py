@@ -116,6 +116,25 @@ def run_train(args: list[str], nprocs: int = 0, timeout: int = 600, port: int | 
     return proc
 
 
+def held_out_loss(model, rows) -> tuple[float, int]:
+    """The token-weighted next-token loss of ``model`` over ``rows`` (prepared samples), each row alone and
+    unpacked, as plain transformers/PEFT computes it: (loss, label tokens). What the training loop's validation must
+    reproduce."""
+    import torch
+
+    from pipeline.data.formats import IGNORE_INDEX
+
+    total, tokens = 0.0, 0
+    for i in range(len(rows)):
+        ids, labels = (torch.tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
+                                                         reduction="sum"))
+        tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    return total / tokens, tokens
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

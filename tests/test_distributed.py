@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.optim.schedule import multiplier
-from tests.conftest import read_metrics, run_train
+from tests.conftest import held_out_loss, read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
 
@@ -500,7 +500,6 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
 
     from pipeline.config import DataConfig
     from pipeline.data.builtin import generate_dataset
-    from pipeline.data.formats import IGNORE_INDEX
     from pipeline.data.prepared import prepare
     from pipeline.model.load import load_tokenizer
 
@@ -531,16 +530,9 @@ def test_chat_format_packed_from_parquet_with_validation(runs_root, tmp_path, ti
     rows = prepare(DataConfig(path=str(val_path), format="chat", cache_dir=str(tmp_path / "c")), tok,
                    str(tiny_model_dir), seq_len).train
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    total, tokens = 0.0, 0
-    for i in range(len(rows)):
-        ids, labels = (torch.tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
-                                                         reduction="sum"))
-        tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    loss, tokens = held_out_loss(model, rows)
     assert val[0]["val_tokens"] == tokens == val[-1]["val_tokens"]
-    assert val[0]["val_loss"] == pytest.approx(total / tokens, abs=1e-4)
+    assert val[0]["val_loss"] == pytest.approx(loss, abs=1e-4)
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_train
+from tests.conftest import held_out_loss, read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
 
@@ -53,7 +53,6 @@ def test_the_adapter_is_a_dora_rslora_adapter_that_reproduces_the_trained_model(
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import DataConfig
-    from pipeline.data.formats import IGNORE_INDEX
     from pipeline.data.prepared import prepare
     from pipeline.model.load import load_tokenizer
 
@@ -68,14 +67,7 @@ def test_the_adapter_is_a_dora_rslora_adapter_that_reproduces_the_trained_model(
 
     tok = load_tokenizer(str(tiny_model_dir))
     rows = prepare(DataConfig(path=str(val_path), cache_dir=str(tmp_path / "c")), tok, str(tiny_model_dir), 256).train
-    total, tokens = 0.0, 0
-    for i in range(len(rows)):
-        ids, labels = (torch.tensor(x, dtype=torch.long)[None] for x in (rows[i].input_ids, rows[i].labels))
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
-                                                         reduction="sum"))
-        tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    loss, tokens = held_out_loss(model, rows)
     val = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
     assert val[-1]["step"] == STEPS and val[-1]["val_tokens"] == tokens
-    assert val[-1]["val_loss"] == pytest.approx(total / tokens, abs=1e-4)
+    assert val[-1]["val_loss"] == pytest.approx(loss, abs=1e-4)
