@@ -188,6 +188,10 @@ class DataConfig:
                "and data.val_path both set; choose one validation set")
 
 
+#: ``lora.init_lora_weights`` values besides ``pissa_niter_<N>``.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
+
 @dataclass
 class LoraConfig:
     """The LoRA adapter (injected by PEFT)."""
@@ -207,9 +211,22 @@ class LoraConfig:
     """DoRA (Liu et al., arXiv 2402.09353): each adapted weight as a magnitude vector times a LoRA-updated
     direction (PEFT's ``use_dora``). The magnitudes train in a group of their own, at ``optim.dora_magnitude_ratio``
     times lr_A, without weight decay."""
+    init_lora_weights: str = "default"
+    """How the adapters start. ``default``: PEFT's default (A Kaiming-uniform, B zero), the behaviour before this
+    key existed; ``gaussian``: PEFT's ``gaussian`` (A ~ N(0, 1/r), B zero); ``pissa``: PiSSA (Meng et al., arXiv
+    2404.02948), A and B from the r principal singular vectors of each adapted weight, the weight keeping the
+    residual; ``pissa_niter_<N>``: the same by a randomised SVD of N subspace iterations (faster on large weights);
+    ``olora``: OLoRA (Buyukakyuz, arXiv 2406.01775), A and B from a QR decomposition of the weight. With the last
+    three the run keeps the initial factors in ``output_dir/lora_init/`` and every saved adapter is converted
+    (PEFT's PiSSA/OLoRA conversion, rank 2r) to apply to the original base model."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"must be >= 1; got {self.r}")
+        init = self.init_lora_weights
+        niter = init.removeprefix("pissa_niter_")
+        _check(init in LORA_INITS or (niter != init and niter.isdigit() and int(niter) >= 1),
+               "lora.init_lora_weights", f"must be one of {', '.join(LORA_INITS)} or pissa_niter_<N> (N >= 1 "
+               f"subspace iterations); got '{init}'")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0; got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1); got {self.dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must list at least one module name")

@@ -16,7 +16,10 @@ BEST = "best"  # checkpoints/best: the pointer pipeline/eval/report.choose_best 
 BEST_LOCK = ".best.lock"  # output_dir/.best.lock: held while the pointer is chosen and while keep_last deletes
 
 
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "val.jsonl", "deepspeed_config.json", "checkpoints")
+LORA_INIT = "lora_init"  # output_dir/lora_init: the initial PiSSA/OLoRA factors (pipeline.model.lora.save_init)
+
+
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "val.jsonl", "deepspeed_config.json", "checkpoints", LORA_INIT)
 
 
 # What a run writes beside them (scores, plots, trackers): deleted with it by --overwrite, so a new run's scores

@@ -73,9 +73,14 @@ def main(argv=None) -> None:
         log.print(line)
 
     # 4. Model, LoRA, LoRA+ groups, optimizer, engine.
+    from pipeline.model.lora import check_init, mutates_base
+    from pipeline.rundir import LORA_INIT
     from pipeline.train import build, session
 
-    built = build.build(plan.cfg, ds_config, info, rt.precision, rt.optimizer, log)
+    stored_init = req.output_dir / LORA_INIT if plan.kind == "resume" and mutates_base(plan.cfg.lora) else None
+    if stored_init:
+        check_init(stored_init)  # before the model loads
+    built = build.build(plan.cfg, ds_config, info, rt.precision, rt.optimizer, log, stored_init)
 
     # 5. Only now, with every input accepted, does output_dir receive (or continue) the run; then train.
     session.run(session.Run(req, rt, plan, built, ds_config, info, log, watch, data, tokenizer.pad_token_id))

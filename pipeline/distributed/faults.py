@@ -13,6 +13,9 @@
 - ``kill``: the rank is SIGKILLed in the middle of this step, as the out-of-memory killer or a segfault would.
 - ``slow``: the rank sleeps 2 s in this step (the others wait for it), so a test can act while a run is at a
   known step however fast the machine is.
+- ``init-skew`` (step 0): the rank's LoRA factors are perturbed right after their initialization, before
+  DeepSpeed's ``initialize``, as a rank whose PiSSA/OLoRA factorisation came out differently (another GPU model,
+  another BLAS) would hold them.
 - ``freeze``: the rank stops (SIGSTOP) in the middle of this step, every thread of it: as a node that vanished
   without closing its connections looks to the others (until SIGCONT).
 
@@ -78,3 +81,10 @@ def before_write(step: int, rank: int) -> None:
 def during_save(step: int, rank: int) -> None:
     if _fires("save-kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def skew_init(model, rank: int) -> None:
+    if _fires("init-skew", 0, rank):
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.data.add_(1e-3)

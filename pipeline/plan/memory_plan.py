@@ -31,6 +31,7 @@ what fills it (``device="cpu"``), which is how ``tests/test_plan.py`` checks the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -104,8 +105,8 @@ def meta_model(cfg: Config, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     model.config.use_cache = False
-    with torch.device("meta"):
-        return add_lora(model, cfg.lora, cfg.seed)
+    with torch.device("meta"):  # PiSSA/OLoRA factors have the default's shapes, and meta tensors have no SVD
+        return add_lora(model, dataclasses.replace(cfg.lora, init_lora_weights="default"), cfg.seed)
 
 
 class _FusedAttention(torch.autograd.Function):

@@ -20,14 +20,18 @@ class Built:
     meter: Any  # pipeline.observe.memory.MemoryMeter, from before the load
     zero3: bool
     ds_hook: Any  # keeps ZeRO-3's partitioned loading alive for the whole run (dist.zero3_load_hook)
+    lora_init: dict  # a fresh PiSSA/OLoRA start: the initial factors (fp32, CPU) for lora.save_init; else empty
 
 
-def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, log) -> Built:
-    """Load the base model, add LoRA, group its parameters for LoRA+ and initialize DeepSpeed on them."""
+def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, log, stored_init=None) -> Built:
+    """Load the base model, add LoRA, group its parameters for LoRA+ and initialize DeepSpeed on them.
+
+    ``stored_init``: on a resume of a PiSSA/OLoRA run, ``output_dir/lora_init`` (the factors it started from)."""
     import torch
 
+    from pipeline.distributed import faults
     from pipeline.model.load import load_model
-    from pipeline.model.lora import add_lora
+    from pipeline.model.lora import add_lora, mutates_base
     from pipeline.observe.memory import MemoryMeter
     from pipeline.observe.metrics import describe_load, describe_model
     from pipeline.optim import schedule
@@ -42,7 +46,9 @@ def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, lo
                        init_device=info.device if info.on_gpu and stage < 3 else None)
     for line in describe_load(model, meter.peak(), dist.local_numel, dist.gather_objects):
         log.print(line)
-    model = add_lora(model, cfg.lora, cfg.seed)
+    factors: dict = {}
+    model = add_lora(model, cfg.lora, cfg.seed, stored_init, factors)
+    faults.skew_init(model, info.rank)
     torch.manual_seed(cfg.seed + info.rank)  # init above is identical on all ranks; dropout below is not
     rates = loraplus.LoraPlusRates(cfg.optim.lr, cfg.optim.loraplus_ratio, cfg.optim.loraplus_lr_embedding,
                                    cfg.optim.weight_decay, cfg.optim.dora_magnitude_ratio)
@@ -54,4 +60,32 @@ def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, lo
                                optimizer, dist.local_numel):
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, group_settings = dist.initialize(model, optim, lr_lambda, ds_config)
-    return Built(engine, model, lr_lambda, group_settings, meter, stage == 3, hook)
+    if mutates_base(cfg.lora):
+        log.print(_agree_on_factors(model, stage == 3, info.world_size, cfg.lora.init_lora_weights, stored_init))
+    return Built(engine, model, lr_lambda, group_settings, meter, stage == 3, hook, factors if info.rank == 0 else {})
+
+
+def _agree_on_factors(model, zero3: bool, world_size: int, init: str, stored_init) -> str:
+    """Check that every rank trains from the same PiSSA/OLoRA factors (each rank factorised its own weights; rank
+    0's reach the others through DeepSpeed's broadcast at ``initialize``). Collective.
+
+    Raises:
+        RunError: the ranks hold different factors (a bug: training on would average gradients of different models).
+    """
+    import hashlib
+
+    from pipeline.errors import RunError
+
+    factors = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    digest = hashlib.sha256()
+    with dist.gathered([p for _, p in factors], enabled=zero3):
+        for name, p in factors:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    digests = dist.gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RunError(f"the ranks hold different lora.init_lora_weights={init} factors after deepspeed.initialize "
+                       f"(sha256 per rank: {', '.join(d[:12] for d in digests)}); please report this")
+    source = f"read from {stored_init}" if stored_init else "factorised"
+    return (f"lora.init_lora_weights={init}: {len(factors) // 2} adapters {source}, the same on all {world_size} "
+            f"rank(s) (sha256 {digests[0][:12]})")

@@ -46,9 +46,11 @@ from pipeline.config import Config, save_config
 from pipeline.distributed import faults
 from pipeline.errors import RunError, UserError
 from pipeline.files import atomic_write_text, locked
+from pipeline.model.lora import convert_for_original_base, mutates_base
 from pipeline.rundir import (
     BEST,
     BEST_LOCK,
+    LORA_INIT,
     RUN_ARTIFACTS,
     RUN_OUTPUTS,
     best_name,
@@ -91,7 +93,8 @@ def save(engine, peft_model, cfg: Config, output_dir: Path, step: int, rank: int
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         with dist.gathered(trainable, enabled=zero3):
             if rank == 0:
-                error = _attempt(lambda: _save_adapter(peft_model, tmp / "adapter"), Exception)
+                init = output_dir / LORA_INIT if mutates_base(cfg.lora) else None
+                error = _attempt(lambda: _save_adapter(peft_model, tmp / "adapter", init), Exception)
         _raise_if_any(error, step, tmp, output_dir, rank)
 
         error = dist.save_engine_state(engine, tmp, ENGINE_TAG, client_state={"step": step},
@@ -140,11 +143,14 @@ def _raise_if_any(error: str | None, step: int, tmp: Path, output_dir: Path, ran
                        f"{checkpoints_dir(output_dir)}, then rerun the same command to resume")
 
 
-def _save_adapter(peft_model, directory: Path) -> None:
+def _save_adapter(peft_model, directory: Path, init: Path | None) -> None:
+    """``init``: a PiSSA/OLoRA run's ``lora_init``; the adapter is then converted to apply to the original base."""
     # save_embedding_layers=False: the base embedding is frozen and never resized here, and PEFT would otherwise
     # also save it when an embedding is a LoRA target (a partitioned, empty tensor under ZeRO-3).
     peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
     _check_adapter(directory)
+    if init is not None:
+        convert_for_original_base(directory, init)
 
 
 def _check_adapter(adapter_dir: Path) -> None:

@@ -15,6 +15,7 @@ from pipeline import distributed as dist
 from pipeline.config import to_dict
 from pipeline.eval import scorer
 from pipeline.observe import trackers
+from pipeline.rundir import LORA_INIT
 from pipeline.train import checkpoint, resume
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ def run(r: Run) -> None:
                                                                 r.log, r.watch, r.data)
     cfg, output_dir, engine = plan.cfg, req.output_dir, built.engine
     checkpoint.start_run(output_dir, req.overwrite, info.rank, cfg, ds_config, plan.resume_step)
+    if built.lora_init:  # a fresh PiSSA/OLoRA start, rank 0: before any checkpoint, whose adapter needs them
+        from pipeline.model.lora import save_init
+
+        save_init(built.model, built.lora_init, output_dir / LORA_INIT)
+        built.lora_init.clear()
+    dist.barrier()
     progress = Progress()
     if plan.kind == "resume":
         point = plan.point
