@@ -1,10 +1,16 @@
-"""The LoRA family under LoRA+ and ZeRO-3, through the real launcher at world size 2: rsLoRA and DoRA together,
-DoRA's magnitude vectors in a group of their own at every step, and the saved adapter reproducing the trained
-model in plain PEFT. One run serves the module."""
+"""The LoRA family under LoRA+ through the real launcher at world size 2:
+
+- ZeRO-3: rsLoRA, DoRA and PiSSA together, one rank's factors skewed before ``deepspeed.initialize``;
+- ZeRO-2: DoRA and OLoRA, stopped by SIGTERM at step 3 and resumed.
+
+Checked: lr_B / lr_A and DoRA's own magnitude lr at every step, every rank training from the same factors, the
+stored factors being those of the whole weights, and the saved adapter (converted for the original base)
+reproducing the trained model's validation loss in plain PEFT on the original base, after the resume too."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,28 +21,62 @@ from tests.conftest import held_out_loss, read_metrics, run_train
 pytestmark = pytest.mark.launcher
 
 STEPS, LR, RATIO, MAGNITUDE = 6, 2.5e-4, 16.0, 2.0  # rsLoRA scales the update by alpha/sqrt(r) = 8, not 2: lr/4
+SEED = 7
+ZERO3 = ("lora.use_dora=true", "lora.use_rslora=true", "lora.init_lora_weights=pissa")
+ZERO2 = ("lora.use_dora=true", "lora.init_lora_weights=olora")
 
 
 @pytest.fixture(scope="module")
-def dora_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(output_dir, validation file) of a 6-step ZeRO-3 run with ``lora.use_dora`` and ``lora.use_rslora``."""
+def val_file(tmp_path_factory) -> Path:
     from pipeline.data.builtin import generate_dataset
 
-    root = tmp_path_factory.mktemp("family")
-    val = root / "val.jsonl"
+    val = tmp_path_factory.mktemp("family-val") / "val.jsonl"
     val.write_text("".join(json.dumps(r) + "\n" for r in generate_dataset(9, seed=9)))
-    out = root / "run"
-    run_train([f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"optim.lr={LR}",
-               "seed=7", "lora.dropout=0", "lora.use_dora=true", "lora.use_rslora=true",
-               f"optim.dora_magnitude_ratio={MAGNITUDE}", f"data.val_path={val}", f"train.eval_every={STEPS}",
-               "--deepspeed_config", "deepspeed_configs/zero3.json"], nprocs=2)
-    return out, val
+    return val
 
 
-def test_magnitudes_keep_their_own_lr_at_every_step(dora_run):
+def _args(out: Path, val: Path, stage: str, family: tuple[str, ...]) -> list[str]:
+    return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"optim.lr={LR}",
+            f"seed={SEED}", "lora.dropout=0", *family, f"optim.dora_magnitude_ratio={MAGNITUDE}",
+            f"data.val_path={val}", f"train.eval_every={STEPS}", "train.save_every=3",
+            "--deepspeed_config", f"deepspeed_configs/{stage}.json"]
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory, val_file) -> tuple[Path, Path, str]:
+    """(output_dir, validation file, stdout) of a 6-step ZeRO-3 run with DoRA, rsLoRA and PiSSA, rank 1's factors
+    perturbed before ``deepspeed.initialize`` (``LORAPLUS_FAULT=init-skew``)."""
+    out = tmp_path_factory.mktemp("family") / "zero3"
+    done = run_train(_args(out, val_file, "zero3", ZERO3), nprocs=2, env={"LORAPLUS_FAULT": "init-skew@0/1"})
+    return out, val_file, done.stdout
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, val_file) -> tuple[Path, Path, str]:
+    """(output_dir, validation file, stdout of both starts) of a ZeRO-2 run with DoRA and OLoRA, stopped by SIGTERM
+    in step 3 and resumed to step 6."""
+    out = tmp_path_factory.mktemp("family") / "zero2"
+    stopped = run_train(_args(out, val_file, "zero2", ZERO2), nprocs=2, check=False,
+                        env={"LORAPLUS_FAULT": "sigterm@3"})
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 3" in stopped.stdout, stopped.stdout[-3000:]
+    return out, val_file, stopped.stdout + run_train(_args(out, val_file, "zero2", ZERO2), nprocs=2).stdout
+
+
+def _recipe(out: Path):
+    from pipeline.config import make_config
+
+    return make_config(out / "config.yaml")
+
+
+@pytest.fixture(params=["zero3", "zero2-resumed"])
+def family_run(request):
+    return request.getfixturevalue({"zero3": "dora_run", "zero2-resumed": "resumed_run"}[request.param])
+
+
+def test_magnitudes_keep_their_own_lr_at_every_step(family_run):
     """lr_B = lambda x lr_A and lr_magnitude = dora_magnitude_ratio x lr_A at every step, as the optimizer
-    DeepSpeed wraps holds them; the loss falls."""
-    rows = read_metrics(dora_run[0])
+    DeepSpeed wraps holds them (ZeRO-3; ZeRO-2 across a resume); the loss falls."""
+    rows = read_metrics(family_run[0])
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         lrs = r["lr_groups"]
@@ -46,9 +86,11 @@ def test_magnitudes_keep_their_own_lr_at_every_step(dora_run):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_the_adapter_is_a_dora_rslora_adapter_that_reproduces_the_trained_model(dora_run, tiny_model_dir, tmp_path):
-    """Plain PEFT loads the saved adapter onto the original base as DoRA with rsLoRA scaling, and its validation
-    loss over the held-out file equals the one the two ZeRO-3 ranks computed at the last step."""
+def test_the_adapter_reproduces_the_trained_model_on_the_original_base(family_run, tiny_model_dir, tmp_path):
+    """Plain PEFT loads the saved adapter onto the original base (DoRA, with rsLoRA scaling under ZeRO-3; converted
+    from the PiSSA/OLoRA residual: rank 2r, PEFT's default init recorded), and its validation loss over the held-out
+    file equals the one the two ranks computed at the last step: after the resume too, which rebuilt the residual
+    from the stored factors."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -56,10 +98,11 @@ def test_the_adapter_is_a_dora_rslora_adapter_that_reproduces_the_trained_model(
     from pipeline.data.prepared import prepare
     from pipeline.model.load import load_tokenizer
 
-    out, val_path = dora_run
+    out, val_path, _ = family_run
     adapter = out / "checkpoints" / f"step-{STEPS}" / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
-    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    assert saved["use_dora"] is True and saved["use_rslora"] is (out.name == "zero3")
+    assert saved["r"] == 2 * _recipe(out).lora.r and saved["init_lora_weights"] is True
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter).eval()
     magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
@@ -71,3 +114,32 @@ def test_the_adapter_is_a_dora_rslora_adapter_that_reproduces_the_trained_model(
     val = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
     assert val[-1]["step"] == STEPS and val[-1]["val_tokens"] == tokens
     assert val[-1]["val_loss"] == pytest.approx(loss, abs=1e-4)
+
+
+def test_every_rank_trains_from_the_factors_of_the_whole_weights(dora_run, tiny_model_dir):
+    """Under ZeRO-3 each weight was gathered whole for its SVD: the stored factors are those one process computes
+    from the unpartitioned model; and with rank 1's factors perturbed after the init, both ranks still train from
+    rank 0's (the digest check after ``deepspeed.initialize`` would stop the run otherwise)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model.lora import add_lora
+
+    out, _, stdout = dora_run
+    assert "LORAPLUS_FAULT: init-skew on rank 1" in stdout
+    assert re.search(r"lora.init_lora_weights=pissa: \d+ adapters factorised, the same on all 2 rank", stdout), \
+        stdout[-3000:]
+    stored = load_file(str(out / "lora_init" / "adapter_model.safetensors"))
+    factors: dict = {}
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    add_lora(base, _recipe(out).lora, SEED, factors_out=factors)
+    assert stored.keys() == factors.keys()
+    for k in factors:  # to the SVD's float error (the thread count differs); a shard's SVD would not come close
+        torch.testing.assert_close(stored[k], factors[k], rtol=1e-4, atol=2e-5)
+
+
+def test_the_resume_reapplied_the_stored_factors(resumed_run):
+    _, _, stdout = resumed_run
+    assert re.search(r"lora.init_lora_weights=olora: \d+ adapters factorised, the same on all 2 rank", stdout)
+    assert re.search(r"lora.init_lora_weights=olora: \d+ adapters read from \S+lora_init, the same on all 2 rank",
+                     stdout), stdout[-3000:]

@@ -122,3 +122,11 @@ def test_dora_with_pissa_converts_with_its_magnitudes(tiny_model_dir, tmp_path):
     assert any("lora_magnitude_vector" in n for n, _ in on_original.named_parameters())
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(on_original, ids), _logits(model.eval(), ids), rtol=1e-4, atol=1e-5)
+
+
+def test_a_resume_without_the_stored_factors_is_refused_by_path(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.model.lora import check_init
+
+    with pytest.raises(UserError, match=r"lora_init/adapter_model.safetensors is missing.*--overwrite"):
+        check_init(tmp_path / "lora_init")

@@ -85,6 +85,7 @@ def during_save(step: int, rank: int) -> None:
 
 def skew_init(model, rank: int) -> None:
     if _fires("init-skew", 0, rank):
+        print(f"LORAPLUS_FAULT: init-skew on rank {rank}", flush=True)
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.data.add_(1e-3)
