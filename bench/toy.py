@@ -207,6 +207,113 @@ def part2(args) -> dict:
     return {"steps": args.steps, "widths": args.widths, "rows": rows, "fitted_exponents": fits}
 
 
+PAPER_POINT = (1.3e-4, 2.8)  # (eta_A, eta_B): where the README's reading of the paper's Fig. 2 puts its optimum
+
+
+def part3(args) -> dict:
+    """Per seed, at the paper's width and 200 GD steps, on a fine grid (``--edge-per-decade``): the optimum and the
+    stability edge (for each eta_A, the smallest eta_B that diverged; the largest eta_A that ever trains), and the
+    test loss at the paper's reported point, so the comparison with Sec. 3.2 rests on resolved figures."""
+    axis_a = log_axis(1e-4, 3e-2, args.edge_per_decade)
+    axis_b = log_axis(1e-2, 10.0, args.edge_per_decade)
+    t0 = time.time()
+    losses = grid_losses(args.width, axis_a, axis_b, 200, "gd", (200,))[200]
+    step = 10 ** (1 / args.edge_per_decade)
+    seeds = []
+    pa = int(torch.argmin((axis_a.log() - math.log(PAPER_POINT[0])).abs()))
+    pb = int(torch.argmin((axis_b.log() - math.log(PAPER_POINT[1])).abs()))
+    for k, seed in enumerate(SEEDS):
+        loss = losses[k]
+        i, j = divmod(int(torch.argmin(loss)), loss.shape[1])
+        edge_b = []  # per eta_A: the first diverged eta_B (None: none diverged on the grid)
+        for a in range(len(axis_a)):
+            dead = [b for b in range(len(axis_b)) if not math.isfinite(float(loss[a, b]))]
+            edge_b.append(float(axis_b[dead[0]]) if dead else None)
+        trains = [a for a in range(len(axis_a)) if math.isfinite(float(loss[a].min()))]
+        seeds.append({"seed": seed, "eta_A": float(axis_a[i]), "eta_B": float(axis_b[j]),
+                      "ratio": float(axis_b[j] / axis_a[i]), "test_loss": float(loss[i, j]),
+                      "on_grid_edge": i in (0, len(axis_a) - 1) or j in (0, len(axis_b) - 1),
+                      "edge_eta_B_at_best_eta_A": edge_b[i], "edge_eta_B": edge_b,
+                      "largest_training_eta_A": float(axis_a[max(trains)]) if trains else None,
+                      "best_over_edge_eta_B": (float(axis_b[j]) / edge_b[i]) if edge_b[i] else None,
+                      "paper_point_test_loss": float(loss[pa, pb])})
+    return {"width": args.width, "steps": 200, "optimizer": "gd", "per_decade": args.edge_per_decade,
+            "grid_step": step, "axis_a": [float(v) for v in axis_a], "axis_b": [float(v) for v in axis_b],
+            "paper_point": PAPER_POINT, "paper_point_on_grid": (float(axis_a[pa]), float(axis_b[pb])),
+            "seeds": seeds, "seconds": round(time.time() - t0, 1)}
+
+
+def train_dora_grid(seed: int, width: int, lr_a: torch.Tensor, ratio: float, mag_ratio: torch.Tensor, steps: int
+                    ) -> torch.Tensor:
+    """The toy with DoRA's decomposition on a base weight: ``f(x) = w_out ReLU(W' h)``, ``h = ReLU(W_in x)``,
+    ``W' = m * (W0 + B A) / ||W0 + B A||`` (row norms, treated as constants in the backward pass as DoRA and PEFT
+    do), ``W0 ~ N(0, 1/n)``, ``m`` starting at W0's row norms, ``A ~ N(0, 1/n)``, ``B = 0`` (LoRA's init: training
+    starts from the base model). Adam on A (lr_a), B (ratio x lr_a) and m (mag_ratio x lr_a), every grid point at
+    once through autograd. Returns the test loss after ``steps`` per point (inf: diverged)."""
+    x, y, xt, yt, w_in, w_out, a0, _ = (t.float() for t in draw(seed, width))
+    g = torch.Generator().manual_seed(10_000 + seed)
+    w0 = torch.randn(width, width, generator=g) / math.sqrt(width)
+    h, ht = torch.relu(x @ w_in.T), torch.relu(xt @ w_in.T)
+    w = w_out[0]
+    n_points = len(lr_a)
+    a = a0.expand(n_points, -1, -1).clone().requires_grad_(True)
+    b = torch.zeros(n_points, width, RANK, requires_grad=True)
+    m = w0.norm(dim=1).expand(n_points, -1).clone().requires_grad_(True)
+    lrs = [lr_a.float().view(-1, 1, 1), (ratio * lr_a).float().view(-1, 1, 1), (mag_ratio * lr_a).float().view(-1, 1)]
+    params = [a, b, m]
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    alive = torch.ones(n_points, dtype=torch.bool)
+
+    def forward(inp):
+        v = w0 + torch.bmm(b, a)  # [G, n, n]
+        scale = (m / v.norm(dim=2).detach()).unsqueeze(-1)
+        return torch.relu(torch.bmm(inp.expand(n_points, -1, -1), (scale * v).transpose(1, 2))) @ w
+
+    for step in range(1, steps + 1):
+        loss = ((forward(h) - y) ** 2).mean(1)
+        alive &= torch.isfinite(loss) & (loss < DIVERGED)
+        grads = torch.autograd.grad(loss.nan_to_num(0.0, 0.0, 0.0).sum(), params)
+        with torch.no_grad():
+            for p, gr, lr, (mom, var) in zip(params, grads, lrs, state):
+                gr = gr.nan_to_num(0.0, 0.0, 0.0)
+                mom.mul_(0.9).add_(gr, alpha=0.1)
+                var.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                upd = (mom / (1 - 0.9 ** step)) / ((var / (1 - 0.999 ** step)).sqrt() + 1e-8)
+                live = alive.view(-1, *[1] * (p.dim() - 1)).float()
+                p -= live * lr * upd
+                p.nan_to_num_(0.0, 0.0, 0.0)
+    with torch.no_grad():
+        test = ((forward(ht) - yt) ** 2).mean(1).double()
+    ok = alive & torch.isfinite(test) & (test < DIVERGED)
+    return torch.where(ok, test, torch.full_like(test, math.inf))
+
+
+def part4(args) -> dict:
+    """DoRA's magnitude lr, for ``optim.dora_magnitude_ratio``: per lambda (1, 16) and magnitude ratio, the best
+    test loss over a grid of lr_A (2 a decade), per seed, at each width of ``--dora-widths`` (Adam, 200 steps)."""
+    lrs = log_axis(1e-4, 1e-1, 2)
+    mags = [0.0, 0.25, 1.0, 4.0, 16.0, 64.0]
+    rows = []
+    for width in args.dora_widths:
+        for ratio in (1.0, 16.0):
+            t0 = time.time()
+            la = lrs.repeat_interleave(len(mags))
+            mr = torch.tensor(mags, dtype=torch.float64).repeat(len(lrs))
+            per_seed = torch.stack([train_dora_grid(s, width, la, ratio, mr, args.dora_steps) for s in SEEDS])
+            grid = per_seed.view(len(SEEDS), len(lrs), len(mags))  # [seeds, lr_A, magnitude ratio]
+            mean = grid.mean(0)
+            for k, mag in enumerate(mags):
+                best = int(torch.argmin(mean[:, k]))
+                rows.append({"width": width, "lambda": ratio, "magnitude_ratio": mag, "lr_A": float(lrs[best]),
+                             "test_loss": float(mean[best, k]),
+                             "test_loss_seeds": [float(v) for v in grid[:, best, k]],
+                             "best_per_seed": [float(grid[s, :, k].min()) for s in range(len(SEEDS))]})
+            print(f"  dora width {width} lambda {ratio:g}: " + ", ".join(
+                f"m{r['magnitude_ratio']:g} {r['test_loss']:.4g}" for r in rows[-len(mags):])
+                + f" ({time.time() - t0:.0f} s)", flush=True)
+    return {"steps": args.dora_steps, "lr_grid": [float(v) for v in lrs], "magnitude_ratios": mags, "rows": rows}
+
+
 def _slope(xs, ys) -> float:
     """Least-squares slope of log(y) against log(x)."""
     lx = [math.log(x) for x in xs]
@@ -301,6 +408,31 @@ def table(res: dict) -> str:
         for optimizer, f in p2["fitted_exponents"].items():
             lines.append(f"| {optimizer} | {f['ratio']:.2f} | {f['eta_A']:.2f} | {f['eta_B']:.2f} | "
                          + ", ".join(f"{x:.2f}" for x in f["ratio_per_seed"]) + " |")
+    if "part3" in res:
+        p3 = res["part3"]
+        lines += ["", f"Part 3: optimum and stability edge per seed (n = {p3['width']}, GD, {p3['steps']} steps, "
+                      f"{p3['per_decade']} points a decade: neighbours differ by x{p3['grid_step']:.2f}; eta_A "
+                      f"{p3['axis_a'][0]:.0e}..{p3['axis_a'][-1]:.0e}, eta_B {p3['axis_b'][0]:.0e}..{p3['axis_b'][-1]:.0f}):",
+                  "", "| seed | best eta_A | best eta_B | ratio | test loss | eta_B diverges from (at best eta_A) | "
+                      "largest eta_A that trains | test loss at the paper's point |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in p3["seeds"]:
+            edge = "none on grid" if r["edge_eta_B_at_best_eta_A"] is None else f"{r['edge_eta_B_at_best_eta_A']:.3g}"
+            lines.append(f"| {r['seed']} | {r['eta_A']:.3g} | {r['eta_B']:.3g} | {r['ratio']:.3g} | "
+                         f"{r['test_loss']:.4g} | {edge} | {r['largest_training_eta_A']:.3g} | "
+                         f"{r['paper_point_test_loss']:.4g} |")
+        pa, pb = p3["paper_point_on_grid"]
+        lines += ["", f"The paper's point is read at the nearest grid point (eta_A {pa:.3g}, eta_B {pb:.3g}); inf: "
+                      "diverged."]
+    if "part4" in res:
+        p4 = res["part4"]
+        lines += ["", f"Part 4: DoRA's magnitude lr (Adam, {p4['steps']} steps, 3 seeds; each row at its best lr_A "
+                      f"of {len(p4['lr_grid'])} from {p4['lr_grid'][0]:.0e} to {p4['lr_grid'][-1]:.0e}):", "",
+                  "| width | lambda | magnitude lr / lr_A | best lr_A | test loss (mean) | by seed |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        for r in p4["rows"]:
+            lines.append(f"| {r['width']} | {r['lambda']:g} | {r['magnitude_ratio']:g} | {r['lr_A']:.3g} | "
+                         f"{r['test_loss']:.4g} | " + ", ".join(f"{v:.4g}" for v in r["test_loss_seeds"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +444,11 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
                     help="part 2's widths (4096 doubles the run's time)")
     ap.add_argument("--steps", type=int, default=200, help="part 2's steps")
+    ap.add_argument("--edge-per-decade", type=int, default=12, help="part 3's grid points per decade of lr")
+    ap.add_argument("--dora-widths", type=int, nargs="+", default=[128, 512], help="part 4's widths")
+    ap.add_argument("--dora-steps", type=int, default=200, help="part 4's steps")
+    ap.add_argument("--parts", default="1,2,3,4",
+                    help="which parts to run; the others are kept from an existing OUT.json")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "toy"))
     ap.add_argument("--table", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
     args = ap.parse_args()
@@ -322,24 +459,47 @@ def main() -> None:
         plots(res, out)
         return
     torch.set_num_threads(os.cpu_count() or 1)
+    parts = {int(p) for p in args.parts.split(",")}
     if args.quick:
-        args.per_decade = 1
+        args.per_decade, args.edge_per_decade, args.dora_widths, args.dora_steps = 1, 2, [32], 20
+        parts = {1, 3, 4}
     t0 = time.time()
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores", "command": "python bench/toy.py" + (" --quick" if args.quick else "")}
-    res["part1"] = part1(args)
-    b = res["part1"]["steps_200"]
-    print(f"part 1 (n={args.width}, GD, 200 steps): best eta_A {b['eta_A']:.3g}, eta_B {b['eta_B']:.3g} (ratio "
-          f"{b['ratio']:.3g}), test loss {b['test_loss']:.4g}; best equal lr {b['equal']['eta']:.3g}, test loss "
-          f"{b['equal']['test_loss']:.4g}", flush=True)
-    if not args.quick:
+    res = json.loads(out.with_suffix(".json").read_text()) if parts != {1, 2, 3, 4} and out.with_suffix(
+        ".json").is_file() else {}
+    command = "python bench/toy.py" + (" --quick" if args.quick else "")
+    if parts != {1, 2, 3, 4} and not args.quick:
+        command += f" --parts {args.parts}"
+    res.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores"})
+    res.setdefault("commands", {})
+    if 1 in parts:
+        res["part1"] = part1(args)
+        b = res["part1"]["steps_200"]
+        print(f"part 1 (n={args.width}, GD, 200 steps): best eta_A {b['eta_A']:.3g}, eta_B {b['eta_B']:.3g} (ratio "
+              f"{b['ratio']:.3g}), test loss {b['test_loss']:.4g}; best equal lr {b['equal']['eta']:.3g}, test loss "
+              f"{b['equal']['test_loss']:.4g}", flush=True)
+    if 2 in parts:
         res["part2"] = part2(args)
-    res["seconds"] = round(time.time() - t0, 1)
+    if 3 in parts:
+        res["part3"] = part3(args)
+        for r in res["part3"]["seeds"]:
+            print(f"part 3 seed {r['seed']}: best eta_A {r['eta_A']:.3g} eta_B {r['eta_B']:.3g} loss "
+                  f"{r['test_loss']:.4g}; eta_B diverges from {r['edge_eta_B_at_best_eta_A']} at that eta_A; "
+                  f"paper's point loss {r['paper_point_test_loss']:.4g}", flush=True)
+    if 4 in parts:
+        res["part4"] = part4(args)
+    for k in parts:
+        res["commands"][f"part{k}"] = command
+    res["command"] = res["commands"].get("part1", command)
+    elapsed = round(time.time() - t0, 1)
+    res.setdefault("seconds_by_parts", {})[",".join(map(str, sorted(parts)))] = elapsed
+    if "seconds" not in res or {1, 2} <= parts:
+        res["seconds"] = elapsed  # the table's header: parts 1 and 2
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(table(res))
     plots(res, out)
-    print(f"done in {res['seconds']:.0f} s: {out.with_suffix('.json')}")
+    print(f"done in {elapsed:.0f} s: {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

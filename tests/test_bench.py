@@ -121,3 +121,27 @@ def test_toy_quick(tmp_path):
         assert best["test_loss"] <= best["equal"]["test_loss"] and best["ratio"] == pytest.approx(
             best["eta_B"] / best["eta_A"])
     assert (tmp_path / "toy_heatmap.png").stat().st_size > 10_000
+    p3 = r["part3"]  # per seed: the optimum, where eta_B diverges at its eta_A, and the paper's point
+    assert [x["seed"] for x in p3["seeds"]] == [0, 1, 2]
+    for x in p3["seeds"]:
+        assert x["eta_A"] in p3["axis_a"] and x["eta_B"] in p3["axis_b"] and math.isfinite(x["test_loss"])
+        assert x["edge_eta_B_at_best_eta_A"] is None or x["edge_eta_B_at_best_eta_A"] > x["eta_B"]
+        assert x["largest_training_eta_A"] >= x["eta_A"]
+    p4 = r["part4"]  # DoRA: a row per (width, lambda, magnitude ratio), each at its best lr_A
+    assert {(x["lambda"], x["magnitude_ratio"]) for x in p4["rows"]} == {
+        (lam, m) for lam in (1.0, 16.0) for m in p4["magnitude_ratios"]}
+    assert all(math.isfinite(x["test_loss"]) and x["lr_A"] in p4["lr_grid"] for x in p4["rows"])
+
+
+def test_family_quick(tmp_path, tiny_model_dir):
+    """bench/family.py end to end, on the tiny model (the bench's own model is SmolLM2): a curve per method from
+    step 0, and steps to the LoRA target computed from them."""
+    out = tmp_path / "family"
+    bench("family.py", "--quick", "--model", str(tiny_model_dir), "--out", str(out))
+    r = json.loads(out.with_suffix(".json").read_text())
+    rows = {x["method"]: x for x in r["rows"]}
+    assert set(rows) == {"LoRA", "DoRA+LoRA+ l16"} and r["target_from"] == "LoRA"
+    assert rows["LoRA"]["final_mean"] == pytest.approx(r["target"])
+    for x in rows.values():
+        assert list(x["curve"]) == ["0", "2", "4"] or list(x["curve"]) == [0, 2, 4]
+    assert (tmp_path / "family.png").stat().st_size > 10_000
