@@ -145,7 +145,9 @@ def test_gradient_checkpointing_under_zero3_changes_no_loss(runs_root):
 # train in bf16 (the GPU recipes' precision, run on CPU by train.precision=bf16) and serve the bf16 tests below.
 
 BF16_STAGES = ("zero1", "zero2", "zero3", "zero3_offload")
-RATIO_CASES = [(stage, sched) for stage in BF16_STAGES for sched in ("constant", "linear", "cosine")]
+RATIO_CASES = [(stage, sched) for stage in BF16_STAGES for sched in ("constant", "linear", "cosine")] + [
+    ("zero0", "linear")]
+DORA_MAGNITUDE = 2.0  # the linear-schedule runs train DoRA too: its magnitudes' own lr, held at every stage
 
 
 def bf16_run(root: Path, stage: str) -> tuple[Path, str]:
@@ -163,15 +165,18 @@ def test_lr_ratio_held_every_step(runs_root, stage, sched):
     elif sched == "constant":
         out, _ = bf16_run(runs_root, stage)
     else:
+        dora = ["lora.use_dora=true", f"optim.dora_magnitude_ratio={DORA_MAGNITUDE}"] if sched == "linear" else []
         out, _ = _run(runs_root, f"{stage}-{sched}",
                       [*COMMON, "--deepspeed_config", f"deepspeed_configs/{stage}.json", f"schedule.name={sched}",
-                       f"optim.loraplus_ratio={ratio}"], nprocs=2)
+                       f"optim.loraplus_ratio={ratio}", *dora], nprocs=2)
     rows = read_metrics(out)
     assert len(rows) == STEPS
     for row in rows:
         lrs = row["lr_groups"]
-        assert set(lrs) == {"lora_A", "lora_B"}, lrs
+        assert set(lrs) == {"lora_A", "lora_B"} | ({"magnitude"} if sched == "linear" else set()), lrs
         assert lrs["lora_B"] / lrs["lora_A"] == pytest.approx(ratio, rel=1e-6), f"step {row['step']}"
+        if sched == "linear":
+            assert lrs["magnitude"] / lrs["lora_A"] == pytest.approx(DORA_MAGNITUDE, rel=1e-6), f"step {row['step']}"
         # ...and the schedule itself is applied to each group's own base lr.
         expected = LR * multiplier(sched, row["step"] - 1, WARMUP, STEPS)
         assert lrs["lora_A"] == pytest.approx(expected, rel=1e-6), f"step {row['step']}"
