@@ -225,18 +225,21 @@ def part3(args) -> dict:
     for k, seed in enumerate(SEEDS):
         loss = losses[k]
         i, j = divmod(int(torch.argmin(loss)), loss.shape[1])
-        edge_b = []  # per eta_A: the first diverged eta_B (None: none diverged on the grid)
-        for a in range(len(axis_a)):
-            dead = [b for b in range(len(axis_b)) if not math.isfinite(float(loss[a, b]))]
-            edge_b.append(float(axis_b[dead[0]]) if dead else None)
+        # The edge above the optimum: at its eta_A, the first larger eta_B that diverged; at its eta_B, the first
+        # larger eta_A. (Divergence is not monotone over the whole grid: near the largest eta_A, a small eta_B can
+        # diverge where a larger one trains.)
+        dead_b = [b for b in range(j + 1, len(axis_b)) if not math.isfinite(float(loss[i, b]))]
+        dead_a = [a for a in range(i + 1, len(axis_a)) if not math.isfinite(float(loss[a, j]))]
         trains = [a for a in range(len(axis_a)) if math.isfinite(float(loss[a].min()))]
         seeds.append({"seed": seed, "eta_A": float(axis_a[i]), "eta_B": float(axis_b[j]),
-                      "ratio": float(axis_b[j] / axis_a[i]), "test_loss": float(loss[i, j]),
+                      "ratio": float(axis_b[j] / axis_a[i]), "best_test_loss": float(loss[i, j]),
                       "on_grid_edge": i in (0, len(axis_a) - 1) or j in (0, len(axis_b) - 1),
-                      "edge_eta_B_at_best_eta_A": edge_b[i], "edge_eta_B": edge_b,
+                      "edge_eta_B_at_best_eta_A": float(axis_b[dead_b[0]]) if dead_b else None,
+                      "edge_eta_A_at_best_eta_B": float(axis_a[dead_a[0]]) if dead_a else None,
                       "largest_training_eta_A": float(axis_a[max(trains)]) if trains else None,
-                      "best_over_edge_eta_B": (float(axis_b[j]) / edge_b[i]) if edge_b[i] else None,
-                      "paper_point_test_loss": float(loss[pa, pb])})
+                      "diverged_fraction": float((~torch.isfinite(loss)).double().mean()),
+                      "paper_point_test_loss": float(loss[pa, pb]),
+                      "test_loss": [[float(v) for v in row] for row in loss]})
     return {"width": args.width, "steps": 200, "optimizer": "gd", "per_decade": args.edge_per_decade,
             "grid_step": step, "axis_a": [float(v) for v in axis_a], "axis_b": [float(v) for v in axis_b],
             "paper_point": PAPER_POINT, "paper_point_on_grid": (float(axis_a[pa]), float(axis_b[pb])),
@@ -413,14 +416,19 @@ def table(res: dict) -> str:
         lines += ["", f"Part 3: optimum and stability edge per seed (n = {p3['width']}, GD, {p3['steps']} steps, "
                       f"{p3['per_decade']} points a decade: neighbours differ by x{p3['grid_step']:.2f}; eta_A "
                       f"{p3['axis_a'][0]:.0e}..{p3['axis_a'][-1]:.0e}, eta_B {p3['axis_b'][0]:.0e}..{p3['axis_b'][-1]:.0f}):",
-                  "", "| seed | best eta_A | best eta_B | ratio | test loss | eta_B diverges from (at best eta_A) | "
-                      "largest eta_A that trains | test loss at the paper's point |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| seed | best eta_A | best eta_B | ratio | test loss | at that eta_A, eta_B diverges from | "
+                      "at that eta_B, eta_A diverges from | largest eta_A that trains | grid diverged | "
+                      "test loss at the paper's point |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def edge(v):
+            return "none on grid" if v is None else f"{v:.3g}"
+
         for r in p3["seeds"]:
-            edge = "none on grid" if r["edge_eta_B_at_best_eta_A"] is None else f"{r['edge_eta_B_at_best_eta_A']:.3g}"
             lines.append(f"| {r['seed']} | {r['eta_A']:.3g} | {r['eta_B']:.3g} | {r['ratio']:.3g} | "
-                         f"{r['test_loss']:.4g} | {edge} | {r['largest_training_eta_A']:.3g} | "
-                         f"{r['paper_point_test_loss']:.4g} |")
+                         f"{r['best_test_loss']:.4g} | {edge(r['edge_eta_B_at_best_eta_A'])} | "
+                         f"{edge(r['edge_eta_A_at_best_eta_B'])} | {r['largest_training_eta_A']:.3g} | "
+                         f"{100 * r['diverged_fraction']:.0f}% | {r['paper_point_test_loss']:.4g} |")
         pa, pb = p3["paper_point_on_grid"]
         lines += ["", f"The paper's point is read at the nearest grid point (eta_A {pa:.3g}, eta_B {pb:.3g}); inf: "
                       "diverged."]
@@ -484,7 +492,7 @@ def main() -> None:
         res["part3"] = part3(args)
         for r in res["part3"]["seeds"]:
             print(f"part 3 seed {r['seed']}: best eta_A {r['eta_A']:.3g} eta_B {r['eta_B']:.3g} loss "
-                  f"{r['test_loss']:.4g}; eta_B diverges from {r['edge_eta_B_at_best_eta_A']} at that eta_A; "
+                  f"{r['best_test_loss']:.4g}; eta_B diverges from {r['edge_eta_B_at_best_eta_A']} at that eta_A; "
                   f"paper's point loss {r['paper_point_test_loss']:.4g}", flush=True)
     if 4 in parts:
         res["part4"] = part4(args)

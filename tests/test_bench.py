@@ -124,8 +124,10 @@ def test_toy_quick(tmp_path):
     p3 = r["part3"]  # per seed: the optimum, where eta_B diverges at its eta_A, and the paper's point
     assert [x["seed"] for x in p3["seeds"]] == [0, 1, 2]
     for x in p3["seeds"]:
-        assert x["eta_A"] in p3["axis_a"] and x["eta_B"] in p3["axis_b"] and math.isfinite(x["test_loss"])
+        assert x["eta_A"] in p3["axis_a"] and x["eta_B"] in p3["axis_b"] and math.isfinite(x["best_test_loss"])
+        assert x["best_test_loss"] == min(min(row) for row in x["test_loss"])
         assert x["edge_eta_B_at_best_eta_A"] is None or x["edge_eta_B_at_best_eta_A"] > x["eta_B"]
+        assert x["edge_eta_A_at_best_eta_B"] is None or x["edge_eta_A_at_best_eta_B"] > x["eta_A"]
         assert x["largest_training_eta_A"] >= x["eta_A"]
     p4 = r["part4"]  # DoRA: a row per (width, lambda, magnitude ratio), each at its best lr_A
     assert {(x["lambda"], x["magnitude_ratio"]) for x in p4["rows"]} == {
