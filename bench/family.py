@@ -202,6 +202,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--magnitude_ratios", default="1,16")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
+    ap.add_argument("--grid", default="", help="comma-separated lr_A values replacing every method's grid")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="run nothing: summarise the runs these result files recorded (a grid extended, seeds "
+                         "added), the grid's seed being the first of --seeds")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "family_smollm2"))
     args = ap.parse_args()
@@ -209,11 +214,23 @@ def main() -> None:
         sys.exit(f"error: no model at {args.model}; build SmolLM2 with: python launch/import_gguf.py --smollm2")
     seeds = [int(s) for s in args.seeds.split(",")]
     mag_ratios = [float(x) for x in args.magnitude_ratios.split(",")]
-    methods = list(METHODS)
+    methods = [m for m in METHODS if not args.only or m.name in args.only.split(",")]
+    if args.grid:
+        methods = [Method(m.name, m.ratio, m.dora, tuple(float(x) for x in args.grid.split(",")), m.magnitude_ratio)
+                   for m in methods]
     if args.quick:
         methods = [Method("LoRA", 1.0, False, (3e-4,)), Method("DoRA+LoRA+ l16", 16.0, True, (1e-4,))]
         args.steps, args.eval_every, args.n_val, seeds, mag_ratios = 4, 2, 8, [0], [1.0]
     threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.merge:
+        runs = [r for f in args.merge for d in [json.loads(Path(f).read_text())] for r in d["grid"] + d["seeds_runs"]]
+        methods = [m for m in methods if any(r["method"] == m.name for r in runs)]
+        report = summarise(methods, runs, seeds[0])
+        report["setup"] = {**json.loads(Path(args.merge[0]).read_text())["setup"], "merged_from": args.merge,
+                           "seeds": sorted({r["seed"] for r in runs})}
+        write(report, [r for r in runs if r["seed"] == seeds[0]], [r for r in runs if r["seed"] != seeds[0]],
+              Path(args.out))
+        return
 
     def spec(m: Method, lr: float, seed: int) -> Spec:
         return Spec(m, lr, seed, args.steps, args.micro, args.eval_every, args.n_val, args.model, threads)
@@ -230,55 +247,64 @@ def main() -> None:
         for r in grid:
             print(f"grid  {r['method']:16s} lr_A {r['lr']:.0e} mag {r['magnitude_ratio']:g}  final val "
                   f"{_final(r):.4f}  ({r['seconds']} s)", flush=True)
-        best = {}
-        for m in methods:
-            mine = [r for r in grid if r["method"] == m.name]
-            top = min(mine, key=_final)
-            best[m.name] = Method(m.name, m.ratio, m.dora, m.grid, top["magnitude_ratio"]), top["lr"]
-        seed_specs = [spec(bm, lr, s) for bm, lr in best.values() for s in seeds[1:]]
+        chosen = {m.name: best_of_grid(m, grid, seeds[0]) for m in methods}
+        seed_specs = [spec(Method(m.name, m.ratio, m.dora, m.grid, chosen[m.name][1]), chosen[m.name][0], s)
+                      for m in methods for s in seeds[1:]]
         more = list(pool.map(run_one, seed_specs))
     for r in more:
         print(f"seed  {r['method']:16s} seed {r['seed']} final val {_final(r):.4f}  ({r['seconds']} s)", flush=True)
-
-    report = summarise(methods, grid, more, best, seeds)
+    report = summarise(methods, grid + more, seeds[0])
     report["setup"] = {**{k: v for k, v in vars(args).items() if k != "out"}, "seeds": seeds,
                        "magnitude_ratios": mag_ratios, "date": date.today().isoformat(), "threads_per_run": threads,
                        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "wall_s": round(time.time() - clock),
                        "methods": [asdict(m) for m in methods]}
-    out = Path(args.out)
+    write(report, grid, more, Path(args.out))
+
+
+def write(report: dict, grid: list[dict], more: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**report, "grid": grid, "seeds_runs": more}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     plot(report, out.with_suffix(".png"))
     print(markdown(report))
-    print(f"wrote {out}.json, .md, .png ({report['setup']['wall_s']} s)")
+    print(f"wrote {out}.json, .md, .png")
 
 
-def summarise(methods, grid, more, best, seeds) -> dict:
-    rows = []
-    by_method = {}
+def best_of_grid(m: Method, runs: list[dict], grid_seed: int) -> tuple[float, float]:
+    """(lr_A, magnitude ratio) of ``m``'s lowest final validation loss on the grid's seed."""
+    top = min((r for r in runs if r["method"] == m.name and r["seed"] == grid_seed), key=_final)
+    return top["lr"], top["magnitude_ratio"]
+
+
+def summarise(methods, runs: list[dict], grid_seed: int) -> dict:
+    """Each method at its best lr (and magnitude ratio) on the grid's seed, over every seed run there; the target
+    is the first method's (LoRA's) mean final validation loss."""
+    chosen, by_method = {}, {}
     for m in methods:
-        bm, lr = best[m.name]
-        runs = [r for r in grid if r["method"] == m.name and r["lr"] == lr
-                and r["magnitude_ratio"] == bm.magnitude_ratio] + [r for r in more if r["method"] == m.name]
-        by_method[m.name] = runs
-    lora = next(iter(by_method))
+        chosen[m.name] = best_of_grid(m, runs, grid_seed)
+        lr, mag = chosen[m.name]
+        by_method[m.name] = sorted((r for r in runs if r["method"] == m.name and r["lr"] == lr
+                                    and r["magnitude_ratio"] == mag), key=lambda r: r["seed"])
+    lora = methods[0].name
     target = sum(_final(r) for r in by_method[lora]) / len(by_method[lora])
+    rows = []
     for m in methods:
-        bm, lr = best[m.name]
-        runs = by_method[m.name]
-        curve = mean_curve(runs)
-        finals = [_final(r) for r in runs]
+        lr, mag = chosen[m.name]
+        mine = by_method[m.name]
+        curve = mean_curve(mine)
+        finals = [_final(r) for r in mine]
         mean = sum(finals) / len(finals)
         sd = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
-        per_seed = [steps_to({int(k): v for k, v in r["val"].items()}, target) for r in runs]
+        per_seed = [steps_to({int(k): v for k, v in r["val"].items()}, target) for r in mine]
+        tried = [r for r in runs if r["method"] == m.name and r["seed"] == grid_seed]
+        lrs = sorted({r["lr"] for r in tried})
         gridline = {f"{r['lr']:.0e}" + (f" m{r['magnitude_ratio']:g}" if m.dora and m.ratio != 1 else ""): _final(r)
-                    for r in grid if r["method"] == m.name}
+                    for r in sorted(tried, key=lambda r: (r["magnitude_ratio"], r["lr"]))}
         rows.append({"method": m.name, "lambda": m.ratio, "dora": m.dora, "lr_A": lr,
-                     "magnitude_ratio": bm.magnitude_ratio if m.dora else None,
-                     "edge": lr in (min(m.grid), max(m.grid)) and len(m.grid) > 1, "grid": gridline,
-                     "curve": curve, "final_mean": mean, "final_sd": sd, "steps_to_target": steps_to(curve, target),
-                     "steps_to_target_per_seed": per_seed, "n_seeds": len(runs)})
+                     "magnitude_ratio": mag if m.dora else None, "edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
+                     "grid": gridline, "curve": curve, "final_mean": mean, "final_sd": sd,
+                     "steps_to_target": steps_to(curve, target), "steps_to_target_per_seed": per_seed,
+                     "seeds": [r["seed"] for r in mine]})
     return {"target": target, "target_from": lora, "rows": rows}
 
 

@@ -243,9 +243,12 @@ class OptimConfig:
     """lambda = lr_B / lr_A. 1 gives plain LoRA."""
     loraplus_lr_embedding: float = 1e-6
     """Learning rate of LoRA adapters on embedding layers (both A and B), as in the LoRA+ reference code."""
-    dora_magnitude_ratio: float = 1.0
-    """lr of DoRA's magnitude vectors / lr_A (``lora.use_dora``). Peers put them into B's group (lambda times lr_A,
-    with B's weight decay) because they are 1-D; here they have a group and an lr of their own."""
+    dora_magnitude_ratio: float = 16.0
+    """lr of DoRA's magnitude vectors / lr_A (``lora.use_dora``), without weight decay. 16 was measured best of 1 and
+    16 on SmolLM2 (DoRA with lambda 16) and of 0-64 on the paper's toy extended to DoRA, where with lambda 16 the
+    magnitudes want 16-64 times lr_A and with lambda 1 anything from 1 to 16 does (bench/README.md). Peers put the
+    magnitudes into B's group (lambda times lr_A, with B's weight decay) because they are 1-D: at lambda 16 the
+    same lr, but not at another lambda, and decayed."""
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices; biases and norms never decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
