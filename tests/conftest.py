@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -84,6 +85,35 @@ RECS = [{"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is
         {"instruction": "Give the opposite of the word.", "input": "hot", "output": "The opposite of hot is cold."}]
 
 
+def ds_config(stage: str) -> str:
+    """The DeepSpeed JSON a launcher test runs ``stage`` (``zero0`` .. ``zero3_offload``) with: the shipped file,
+    except that under ZeRO-3 every parameter is partitioned (``stage3_param_persistence_threshold`` 0).
+
+    The shipped threshold (100,000 elements) suits a real model, whose projections it partitions; every tensor of
+    the tiny test models is below it, so with it a ZeRO-3 test would run with every weight whole on every rank and
+    no gather collective. The file is written once per content under the temp directory (the launcher's ranks, a
+    second node and a SLURM job all read it by path)."""
+    import hashlib
+    import tempfile
+
+    shipped = REPO / "deepspeed_configs" / f"{stage}.json"
+    ds = json.loads(shipped.read_text())
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        return f"deepspeed_configs/{stage}.json"
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    text = json.dumps(ds, indent=1) + "\n"
+    path = Path(tempfile.gettempdir()) / f"loraplus-tests-{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+#: What the start log says of a ZeRO-3 run with ``ds_config``'s JSON: nothing kept whole.
+ALL_PARTITIONED = re.compile(r"ZeRO-3: ([\d,]+) of \1 parameter tensors partitioned, 0 kept whole on every rank")
+
+
 def train_command(args: list[str], nprocs: int = 0, port: int | None = None) -> list[str]:
     """launch/train.py through ``deepspeed --num_gpus N`` when ``nprocs`` > 0, else as plain python. MMLU scoring
     at checkpoints is off unless the arguments turn it on (it has tests of its own)."""
@@ -137,6 +167,17 @@ def held_out_loss(model, rows) -> tuple[float, int]:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trained_after(rows: list[dict], ref: list[dict], at: int) -> tuple[list[dict], list[dict]]:
+    """The rows a run resumed from step ``at`` trained itself, and the reference's rows of the same steps: both
+    runs logged every step once, and the resumed run's rows after ``at`` are its own (logged after the whole
+    reference run ended), not the copies of the reference's that its output_dir started with."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, len(ref) + 1))
+    new, old = rows[at:], ref[at:]
+    assert new and all(r["time"] > ref[-1]["time"] for r in new), "the resumed run trained no step of its own"
+    assert rows[:at] == ref[:at]  # the copied history, untouched
+    return new, old
 
 
 def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:

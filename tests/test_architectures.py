@@ -9,9 +9,13 @@ import shutil
 
 import pytest
 
-from tests.conftest import read_metrics, run_train
+from safetensors.torch import load_file
+
+from tests.conftest import ALL_PARTITIONED, ds_config, read_metrics, run_train
 
 LAYERS = 3
+STEPS = 4
+MIN_FALL = 0.1  # the loss over STEPS steps must fall by more than this
 
 
 def _tiny_dir(tmp_path, tiny_model_dir, model_type: str, tied: bool = False, prefixless: bool = False):
@@ -55,17 +59,25 @@ def _tiny_dir(tmp_path, tiny_model_dir, model_type: str, tied: bool = False, pre
                                                         ("qwen2", True, False)])
 def test_llama_family_checkpoint_trains_under_zero3(tmp_path, tiny_model_dir, model_type, tied, prefixless):
     """Llama tied as SmolLM2 is, Mistral with prefix-less names (the transformers-loader route), Qwen2 tied as its
-    small releases are: each trains 3 steps under ZeRO-3 on 2 ranks with lr_B = 16 lr_A. Qwen2 also gives the
-    full-logits loss's losses through the chunked loss, which gathers the shared, partitioned weight."""
+    small releases are: each trains ``STEPS`` steps under ZeRO-3 on 2 ranks, every parameter partitioned, with
+    lr_B = 16 lr_A, its loss falling and every lora_B moved from zero. Qwen2 also gives the full-logits loss's
+    losses through the chunked loss, which gathers the shared, partitioned weight."""
     model_dir = _tiny_dir(tmp_path, tiny_model_dir, model_type, tied=tied, prefixless=prefixless)
-    args = [f"model.name_or_path={model_dir}", "train.max_steps=3", "--deepspeed_config", "deepspeed_configs/zero3.json"]
+    args = [f"model.name_or_path={model_dir}", f"train.max_steps={STEPS}", "--deepspeed_config", ds_config("zero3")]
     out = tmp_path / "run"
     proc = run_train([f"output_dir={out}", *args], nprocs=2)
+    assert ALL_PARTITIONED.search(proc.stdout), proc.stdout[-3000:]
     rows = read_metrics(out)
-    assert len(rows) == 3 and all(r["lr_groups"]["lora_B"] == 16 * r["lr_groups"]["lora_A"] for r in rows)
-    assert rows[-1]["loss"] < rows[0]["loss"] * 1.5  # finite and sane: trained, not diverged
+    assert len(rows) == STEPS and all(r["lr_groups"]["lora_B"] == 16 * r["lr_groups"]["lora_A"] for r in rows)
+    # Trains: these random-weight models on the bundled data at the default lr fall by 0.27-0.38 from the first
+    # step's loss to the fourth's (measured on the three layouts); a frozen adapter would not move it.
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    print(f"{model_type}: loss {first:.4f} -> {last:.4f} over {STEPS} steps")
+    assert last < first - MIN_FALL, [r["loss"] for r in rows]
     assert f"lora_B              {7 * LAYERS} tensors" in proc.stdout  # 7 projections a layer, like Llama
-    assert (out / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = load_file(out / "checkpoints" / f"step-{STEPS}" / "adapter" / "adapter_model.safetensors")
+    trained = [k for k, v in adapter.items() if "lora_B" in k and float(v.abs().max()) > 0]
+    assert len(trained) == 7 * LAYERS, f"{len(trained)} lora_B tensors changed from their zero init"
     if model_type == "qwen2":
         run_train([f"output_dir={tmp_path / 'full'}", *args, "train.loss_chunk=0"], nprocs=2)
         full = read_metrics(tmp_path / "full")

@@ -14,7 +14,7 @@ RESULTS = ("metrics.jsonl", "checkpoints", "config.yaml")
 
 
 def assert_refused(proc, out: Path, *needles: str) -> str:
-    assert proc.returncode != 0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     text = proc.stdout + proc.stderr
     assert "Traceback" not in text, text[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import held_out_loss, read_metrics, run_train
+from tests.conftest import ALL_PARTITIONED, ds_config, held_out_loss, read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
 
@@ -39,7 +39,7 @@ def _args(out: Path, val: Path, stage: str, family: tuple[str, ...]) -> list[str
     return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"optim.lr={LR}",
             f"seed={SEED}", "lora.dropout=0", *family, f"optim.dora_magnitude_ratio={MAGNITUDE}",
             f"data.val_path={val}", f"train.eval_every={STEPS}", "train.save_every=3",
-            "--deepspeed_config", f"deepspeed_configs/{stage}.json"]
+            "--deepspeed_config", ds_config(stage)]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ def test_every_rank_trains_from_the_factors_of_the_whole_weights(dora_run, tiny_
 
     out, _, stdout = dora_run
     assert "LORAPLUS_FAULT: init-skew on rank 1" in stdout
+    assert ALL_PARTITIONED.search(stdout), stdout[-3000:]  # the magnitudes and factors too: nothing kept whole
     assert re.search(r"lora.init_lora_weights=pissa: \d+ adapters factorised, the same on all 2 rank", stdout), \
         stdout[-3000:]
     stored = load_file(str(out / "lora_init" / "adapter_model.safetensors"))

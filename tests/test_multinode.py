@@ -30,7 +30,7 @@ import pytest
 
 from pipeline import rundir
 from tests import cluster
-from tests.conftest import REPO, read_metrics
+from tests.conftest import REPO, ds_config, read_metrics
 from tests.test_distributed import COMMON, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
 
 pytestmark = pytest.mark.launcher
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.launcher
 NODE_SH = REPO / "launch" / "node.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
 TRAIN = REPO / "launch" / "train.py"
-ZERO3 = ["--deepspeed_config", "deepspeed_configs/zero3.json"]
+ZERO3 = ["--deepspeed_config", ds_config("zero3")]  # every parameter partitioned
 OWN_ENV = ("NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "HOSTFILE", "LORAPLUS_REPO",
            "LORAPLUS_FAULT", "LORAPLUS_FAULT_ONCE", "LORAPLUS_MAX_RESTARTS", "LORAPLUS_PEER_TIMEOUT")
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline import rundir
 from pipeline.optim.schedule import multiplier
 from pipeline.train import checkpoint
-from tests.conftest import REPO, read_metrics, run_train, train_command
+from tests.conftest import REPO, ds_config, read_metrics, run_train, train_command, trained_after
 
 pytestmark = pytest.mark.launcher
 
@@ -41,7 +41,7 @@ def root(tmp_path_factory) -> Path:
 
 
 def args(stage: str, out: Path, *extra: str) -> list[str]:
-    return [f"output_dir={out}", *COMMON, "--deepspeed_config", f"deepspeed_configs/{stage}.json", *extra]
+    return [f"output_dir={out}", *COMMON, "--deepspeed_config", ds_config(stage), *extra]
 
 
 def reference(root: Path, stage: str) -> list[dict]:
@@ -382,9 +382,11 @@ def test_resume_on_another_world_size(root, tmp_path, stage, world):
     assert "resumed from step-8" in proc.stdout and f"loaded on {world} {via}" in proc.stdout
     if world == 1:
         assert "train.grad_accum 1 -> 2 keeps the global batch of 4" in proc.stdout
-    rows = read_metrics(out)
+    rows, ref = trained_after(read_metrics(out), ref, 8)  # steps 9-12, trained on the new world size
+    assert [r["step"] for r in rows] == list(range(9, STEPS + 1))
     # Same global batches, same updates; only the order of float sums over ranks differs.
-    diff = assert_same_losses(rows, ref, tol=1e-4)
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, ref, strict=True))
+    assert diff <= 1e-4, f"max loss difference {diff:.3g} after resume"
     print(f"{stage} saved on 2 ranks, resumed on {world}: max loss difference {diff:.3g}")
     ratio = {r["lr_groups"]["lora_B"] / r["lr_groups"]["lora_A"] for r in rows}
     assert all(math.isclose(x, 16.0, rel_tol=1e-9) for x in ratio), ratio  # the LoRA+ ratio survived the load

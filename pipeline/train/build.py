@@ -60,6 +60,9 @@ def build(cfg: Config, ds_config: dict, info, precision: str, optimizer: str, lo
                                optimizer, dist.local_numel):
         log.print(line)  # before initialize: ZeRO-1/2 replace each group's params with one flat tensor
     engine, group_settings = dist.initialize(model, optim, lr_lambda, ds_config)
+    whole = dist.kept_whole(model, ds_config)
+    if whole:
+        log.print(whole)
     if mutates_base(cfg.lora):
         log.print(_agree_on_factors(model, stage == 3, info.world_size, cfg.lora.init_lora_weights, stored_init))
     return Built(engine, model, lr_lambda, group_settings, meter, stage == 3, hook, factors if info.rank == 0 else {})
