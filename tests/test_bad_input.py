@@ -1,4 +1,4 @@
-"""Bad input: one clear ``error:`` line naming what and where, a non-zero exit, no traceback, and nothing in
+"""Bad input: one clear ``error:`` line naming what and where, exit status 2, no traceback, and nothing in
 output_dir that could pass for a result."""
 
 from __future__ import annotations

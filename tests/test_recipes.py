@@ -165,3 +165,19 @@ def test_recipe_accepts_the_published_config_json(name):
     other = "llama2-13b.yaml" if name != "llama2-13b.yaml" else "llama2-7b.yaml"
     with pytest.raises(UserError, match="not the architecture the recipe is sized for"):
         check_shape(hub, make_config(REPO / "launch" / "configs" / other).model.shape, "/weights")
+
+
+def test_testing_doc_holds_the_suites_inventory():
+    """docs/testing.md's inventory (modules, tiers, test counts, tolerances) is what the test files say now."""
+    from tests import inventory
+
+    assert inventory.current() == inventory.table(), "docs/testing.md is stale: python tests/inventory.py --write"
+
+
+def test_inventory_can_tell_a_change():
+    """The check above can fail: a module's tolerance or tier changed in its source shows in its row."""
+    from tests import inventory
+
+    row = inventory.module_row(REPO / "tests" / "test_architectures.py")
+    assert row["tests"] == 1 and not row["launcher"] and 1e-5 in row["tolerances"]
+    assert inventory.module_row(REPO / "tests" / "test_resume.py")["launcher"]
