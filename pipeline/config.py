@@ -349,9 +349,14 @@ class MmluEvalConfig:
     """MMLU scoring of checkpoints while the run trains (lm-evaluation-harness; see ``eval/``)."""
 
     every_checkpoint: str = "auto"
-    """Score each checkpoint after it is saved, in a background process started by rank 0 (training does not
-    wait); the run ends by printing the table. ``true``, ``false``, or ``auto``: on for the embedded tiny model
-    only (a CPU scorer beside a real model's training would compete for host memory)."""
+    """Score the base model (step 0) and each checkpoint after it is saved (``runner`` says how); the run ends by
+    printing the table. ``true``, ``false``, or ``auto``: on for the embedded tiny model only."""
+    runner: str = "process"
+    """Who scores: ``process``, a background process started by rank 0 that loads the base model and the
+    checkpoint's adapter again, on ``device`` (training does not wait; what ``loraplus-watch`` runs on another
+    node), or ``engine``: the training ranks themselves, on the live DeepSpeed engine (training pauses; every rank
+    scores its share of the questions on the model it already holds, sharded as it trains: no second copy, no
+    reload; what the 13B-70B recipes use). See docs/evaluation.md."""
     data: str = "sample"
     """A local cais/mmlu copy (hub or CSV layout), or ``sample`` (the bundled stand-in, for the tiny default)."""
     num_fewshot: str = "auto"
@@ -359,9 +364,17 @@ class MmluEvalConfig:
     embedded tiny model (2 layers, pretrained on ~20-token texts: a 300-token 5-shot prompt is beyond it)."""
     limit: int = 0
     """Score only the first K questions of each subject (0: all)."""
+    subjects: str = ""
+    """Score only these MMLU subjects, comma-separated (``anatomy,virology``); empty: all 57, with MMLU's groups.
+    A score of some subjects is recorded as such, and is not the MMLU score."""
+    log_samples: bool = False
+    """Also write each request's log-likelihood beside each score (``mmlu_samples.jsonl``): what two scorers of
+    one checkpoint can be compared on, request by request."""
     batch_size: str = "auto"
-    """lm-eval batch size: a number (it wins), or ``auto``: lm-eval's own search on a GPU, and on CPU the largest
-    batch that keeps the scorer within ``memory_gb`` for the requests at hand (sized again as they get shorter)."""
+    """Rows per forward: a number (it wins), or ``auto``. ``process``: lm-eval's own search on a GPU, and on CPU the
+    largest batch that keeps the scorer within ``memory_gb`` for the requests at hand (sized again as they get
+    shorter). ``engine``: up to 64 rows and 4 x ``train.micro_batch_size`` x ``train.seq_len`` tokens a forward
+    (inference keeps no activations for a backward)."""
     device: str = "cpu"
     """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``, GPU N of
     the node as the launcher numbers them (the scorer sees only that GPU). Pick one no training rank uses."""
@@ -387,6 +400,33 @@ class MmluEvalConfig:
         plain = "; plain 'cuda' is GPU 0, rank 0's training GPU: name the one to use" if self.device == "cuda" else ""
         _check(self.device == "cpu" or re.fullmatch(r"cuda:\d+", self.device) is not None, "eval.mmlu.device",
                f"must be cpu or cuda:N (a GPU index); got {self.device!r}{plain}")
+        _check(self.runner in ("process", "engine"), "eval.mmlu.runner",
+               f"must be process or engine; got {self.runner!r}")
+        if self.runner == "engine":  # the process runner's own settings mean nothing to the training ranks
+            _check(self.device == "cpu", "eval.mmlu.device", f"is the process runner's; with eval.mmlu.runner=engine "
+                   f"the training ranks score on their own devices (got {self.device!r}): drop it")
+            _check(self.memory_gb == "auto", "eval.mmlu.memory_gb", f"is the process runner's; with "
+                   f"eval.mmlu.runner=engine batches follow the training batch (got {self.memory_gb!r}): drop it")
+        try:
+            self.parse_subjects(self.subjects)
+        except ValueError as e:
+            _check(False, "eval.mmlu.subjects", str(e))
+
+    @staticmethod
+    def parse_subjects(text: str) -> list[str]:
+        """``subjects`` (``eval.mmlu.subjects``, ``--subjects``) as a list; empty for all. Whether each is one of
+        lm-eval's subjects is :func:`pipeline.eval.mmlu.check_subjects`'s to say (it reads lm-eval's task files).
+
+        Raises:
+            ValueError: a name that is not a subject's form (lower-case words joined by ``_``), or one given twice.
+        """
+        chosen = [x.strip() for x in text.split(",") if x.strip()]
+        for name in chosen:
+            if re.fullmatch(r"[a-z_]+", name) is None:
+                raise ValueError(f"{name!r} is not an MMLU subject name (such as high_school_physics); got {text!r}")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"names a subject twice; got {text!r}")
+        return chosen
 
     @staticmethod
     def parse_memory_gb(text: str) -> float | None:

@@ -38,6 +38,10 @@ def main(argv=None) -> None:
     preempt.exit_at_once()  # a signal before the first step: exit 128 + signal (the loop saves from then on)
     req = start.check_request(parse_args(argv))
     rt = start.check_runtime(req)
+    if req.scoring and req.cfg.eval.mmlu.runner == "engine":  # lm-eval runs in this process: datasets offline
+        from pipeline.eval.score import go_offline_for
+
+        go_offline_for(req.cfg.eval.mmlu.data)
 
     # 2. Tokenizer and data, before any process group exists: a cache build (once, by whichever process takes
     #    its lock; the others wait) can take as long as it needs with no collective pending.
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
     built = build.build(plan.cfg, ds_config, info, rt.precision, rt.optimizer, log, stored_init)
 
     # 5. Only now, with every input accepted, does output_dir receive (or continue) the run; then train.
-    session.run(session.Run(req, rt, plan, built, ds_config, info, log, watch, data, tokenizer.pad_token_id))
+    session.run(session.Run(req, rt, plan, built, ds_config, info, log, watch, data, tokenizer))
 
 
 if __name__ == "__main__":

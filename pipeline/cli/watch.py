@@ -24,10 +24,10 @@ from pipeline.eval.score import add_eval_args, check_eval_args, evaluate_one
 
 
 def wanted(args, cache: Path) -> dict:
-    """The setting (data, shots, limit) this watcher scores with, as ``mmlu.json`` records it."""
-    from pipeline.eval.score import data_dir, data_label
+    """The setting (data, shots, limit, subjects) this watcher scores with, as ``mmlu.json`` records it."""
+    from pipeline.eval.score import setting_of
 
-    return {"data": data_label(data_dir(args, cache)), "num_fewshot": args.num_fewshot, "limit": args.limit}
+    return setting_of(args, cache).record()
 
 
 def run_config(run: Path) -> dict:

@@ -198,6 +198,15 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_objects_to(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank ``dst``; ``None`` elsewhere."""
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def first_error(error: str | None) -> str | None:
     """Agree on failure: ``None`` on every rank if no rank failed, else the first failing rank's message on all.
     Call at points every rank reaches, so one rank's failure cannot leave the others waiting in a collective."""

@@ -46,6 +46,24 @@ def resolve(path: str | None, num_fewshot: int, cache: Path) -> Path:
     return root
 
 
+def check_subjects(names: list[str], option: str = "eval.mmlu.subjects") -> None:
+    """Every name one of lm-eval's MMLU subjects.
+
+    Raises:
+        UserError: one is not; the message names it, and the nearest subject.
+    """
+    import difflib
+
+    from pipeline.errors import UserError
+
+    known = sorted(subjects())
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            raise UserError(f"{option}: {name!r} is not an MMLU subject" +
+                            (f" (did you mean {near[0]!r}?)" if near else f" (the subjects: {', '.join(known)})"))
+
+
 def check(root: Path, num_fewshot: int) -> None:
     """Every subject of lm-eval's ``mmlu`` present in the hub layout, with well-formed rows."""
     import pyarrow.parquet as pq

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from pipeline import rundir
-from pipeline.eval.score import CATEGORIES
+from pipeline.eval.score import CATEGORIES, SETTING
 from pipeline.files import atomic_write_text, locked
 
 
@@ -26,11 +26,8 @@ def read_rows(output_dir: Path) -> list[dict]:
     return [row for _, row in sorted(_jsonl(output_dir / "mmlu.jsonl"), key=lambda sr: sr[0])]
 
 
-SETTING = ("data", "num_fewshot", "limit")
-
-
 def record(output_dir: Path, row: dict) -> bool:
-    """Add ``row`` unless the same step with the same setting (data, shots, limit) is there; a row of that step
+    """Add ``row`` unless the same step with the same setting (data, shots, limit, subjects) is there; a row of that step
     with another setting is replaced. Then redraw the plot and the table. True if the file changed."""
     with locked(output_dir / ".mmlu.lock"):
         rows = read_rows(output_dir)

@@ -44,6 +44,10 @@ def add_eval_args(p) -> None:
                         "is sized to it for each request length. 'auto' (default): half of MemAvailable when scoring "
                         "starts. Not used on a GPU or with a numeric --batch-size")
     p.add_argument("--limit", type=int, help="score only the first K questions of each subject (quick checks)")
+    p.add_argument("--subjects", default="",
+                   help="score only these MMLU subjects, comma-separated (default: all 57, MMLU's own groups)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every request's log-likelihood (mmlu_samples.jsonl beside mmlu.json)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="model dtype for lm-eval (default: the checkpoint's own)")
     p.add_argument("--base", help="base model directory (default: the one the adapter records)")
@@ -66,6 +70,13 @@ def check_eval_args(args) -> None:
         raise UserError(f"--memory-gb {e}") from None
     if args.hub and args.mmlu_data:
         raise UserError("give either --mmlu-data DIR or --hub, not both")
+    try:
+        chosen = MmluEvalConfig.parse_subjects(args.subjects)
+    except ValueError as e:
+        raise UserError(f"--subjects {e}") from None
+    from pipeline.eval.mmlu import check_subjects
+
+    check_subjects(chosen, "--subjects")
 
 
 def data_dir(args, cache: Path):
@@ -73,6 +84,12 @@ def data_dir(args, cache: Path):
     from pipeline.eval import mmlu
 
     return None if args.hub else mmlu.resolve(args.mmlu_data, args.num_fewshot, cache)
+
+
+def setting_of(args, cache: Path) -> Setting:
+    """The :class:`Setting` the command-line options ``args`` (checked) ask for."""
+    return Setting(data_dir(args, cache), args.num_fewshot, args.limit or None,
+                   tuple(MmluEvalConfig.parse_subjects(args.subjects)))
 
 
 def data_label(data: Path | None) -> str:
@@ -102,12 +119,40 @@ def evaluate_one(checkpoint: Path, args, cache: Path) -> dict | None:
 def evaluate_target(tgt: Target, args, cache: Path) -> dict | None:
     """Score ``tgt`` and write ``mmlu.json`` into its ``result_dir``; return the summary (``None`` on a non-zero
     rank)."""
-    data = data_dir(args, cache)
-    summary, results = score(tgt, data, args.num_fewshot, args.batch_size, args.limit, default_device(args),
-                             args.dtype, args.parallelize, args.memory_gb)
+    summary, results = score(tgt, setting_of(args, cache), Hardware(args.batch_size, default_device(args),
+                             args.dtype, args.parallelize, args.memory_gb), args.log_samples)
     if summary is not None:
         write(summary, results, tgt.result_dir)
     return summary
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a score depends on besides the model (``mmlu.json`` records it; a score of another setting is another
+    score): the MMLU copy (``None``: the hub), the shots, the question limit per subject, the subjects (empty:
+    all 57, with MMLU's groups)."""
+
+    data: Path | None
+    num_fewshot: int
+    limit: int | None = None
+    subjects: tuple[str, ...] = ()
+
+    def record(self) -> dict:
+        """As ``mmlu.json``, ``mmlu.jsonl`` and the watcher compare it (``subjects`` only where some are chosen)."""
+        out = {"data": data_label(self.data), "num_fewshot": self.num_fewshot, "limit": self.limit}
+        return {**out, "subjects": list(self.subjects)} if self.subjects else out
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """How the process runner's lm-eval ``HFLM`` runs: batch size, device, dtype, lm-eval's ``parallelize``, and the
+    CPU memory budget (see :func:`memory_budget`)."""
+
+    batch_size: str = "auto"
+    device: str = "cpu"
+    dtype: str = "auto"
+    parallelize: bool = False
+    memory_gb: str = "auto"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,12 +203,59 @@ def target(path: Path, base: str | None = None) -> Target:
                     f"Face model directory (config.json)")
 
 
-def group_yaml(data: Path, cache: Path | None = None) -> str:
-    """An lm-eval group that is the built-in ``mmlu`` with its ``dataset_path`` pointed at ``data`` (the form
-    lm-eval 0.4.13 accepts, tried against it), and ``datasets``' cache at ``cache``: see :func:`datasets_cache`."""
+GROUP = "mmlu_local"  # the group :func:`group_yaml` defines
+
+
+def group_yaml(data: Path | None, cache: Path | None = None, subjects: Sequence[str] = ()) -> str:
+    """An lm-eval group that is the built-in ``mmlu`` (or, with ``subjects``, those of its ``mmlu_<subject>`` tasks)
+    with its ``dataset_path`` pointed at ``data`` (the forms lm-eval 0.4.13 accepts, tried against it; ``None``:
+    the hub's), and ``datasets``' cache at ``cache``: see :func:`datasets_cache`."""
     kwargs = f"    dataset_kwargs:\n      cache_dir: {json.dumps(str(cache))}\n" if cache is not None else ""
-    return (f"group: mmlu_local\ntask:\n  - group: mmlu\n    dataset_path: {json.dumps(str(data))}\n{kwargs}"
-            f"aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+    path = f"    dataset_path: {json.dumps(str(data))}\n" if data is not None else ""
+    members = [f"  - task: mmlu_{s}\n" for s in subjects] or ["  - group: mmlu\n"]
+    return (f"group: {GROUP}\ntask:\n" + "".join(m + path + kwargs for m in members) +
+            "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+
+
+@contextlib.contextmanager
+def mmlu_task(setting: Setting):
+    """lm-eval's ``mmlu`` task on ``setting``'s data and subjects: yields the task names and the ``TaskManager`` to
+    hand ``simple_evaluate``. Only lm-eval's own mmlu task files are indexed (``include_defaults=False``): indexing
+    all of its tasks takes ~13 s per score on a 2-core machine, and the same YAML files are read either way."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    mmlu_tasks = str(Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default")
+    with tempfile.TemporaryDirectory() as include:
+        cache = datasets_cache(setting.data) if setting.data is not None else None
+        Path(include, f"{GROUP}.yaml").write_text(group_yaml(setting.data, cache, setting.subjects))
+        yield [GROUP], TaskManager(include_path=[include, mmlu_tasks], include_defaults=False)
+
+
+def evaluate(lm, setting: Setting, batch_size, log_samples: bool = False) -> dict | None:
+    """lm-eval's own evaluation of ``lm`` (any ``lm_eval.api.model.LM``) on ``setting``: its task files, few-shot
+    sampling, requests, metrics and aggregation. Every rank of a distributed ``lm`` calls it; the results come back
+    on rank 0, ``None`` elsewhere."""
+    import lm_eval
+
+    with mmlu_task(setting) as (tasks, manager), _fast_yaml():
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=setting.num_fewshot,
+                                       batch_size=batch_size, limit=setting.limit, task_manager=manager,
+                                       log_samples=log_samples)
+
+
+def go_offline(setting: Setting) -> None:
+    """Keep ``datasets`` and the hub client off the network when the data is local. They read these switches when
+    first imported: call before that in a process (the training entry point does, for the engine runner)."""
+    if setting.data is not None:
+        go_offline_for("local")
+
+
+def go_offline_for(data: str | None) -> None:
+    """:func:`go_offline` for ``eval.mmlu.data`` as given (a directory or ``sample``: local; ``None``: the hub)."""
+    if data is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def datasets_cache(data: Path) -> Path:
@@ -176,62 +268,45 @@ def datasets_cache(data: Path) -> Path:
     return cache_dir() / "mmlu-datasets" / files_key(data)
 
 
-def score(tgt: Target, data: Path | None, num_fewshot: int, batch_size: str, limit: int | None, device: str,
-          dtype: str = "auto", parallelize: bool = False,
-          memory_gb: str = "auto") -> tuple[dict | None, dict | None]:
-    """Run lm-eval; return (our summary, lm-eval's full results), or ``(None, None)`` on a rank other than 0 of
-    a data-parallel run. ``data`` ``None`` reads cais/mmlu from the hub. ``memory_gb`` (a number of GiB, or
-    ``auto``) bounds the scorer's memory on CPU when ``batch_size`` is ``auto``: see :func:`memory_budget`.
+def score(tgt: Target, setting: Setting, hw: Hardware = Hardware(),
+          log_samples: bool = False) -> tuple[dict | None, dict | None]:
+    """Score ``tgt`` with lm-eval's ``HFLM`` in this process; return (our summary, lm-eval's full results), or
+    ``(None, None)`` on a rank other than 0 of a data-parallel run. ``hw.memory_gb`` (a number of GiB, or ``auto``)
+    bounds the scorer's memory on CPU when ``hw.batch_size`` is ``auto``: see :func:`memory_budget`.
 
     Call before anything imports ``datasets`` in this process when offline (the environment switches are read at
     import).
     """
-    if data is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import lm_eval
+    go_offline(setting)
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    on_cpu = device == "cpu" and not parallelize
-    budget = memory_budget(memory_gb, on_cpu, batch_size)  # read before the model takes its share
-    model_args = {"pretrained": str(tgt.base), "dtype": dtype, "device": device, "trust_remote_code": False,
-                  "batch_size": batch_size}
+    on_cpu = hw.device == "cpu" and not hw.parallelize
+    budget = memory_budget(hw.memory_gb, on_cpu, hw.batch_size)  # read before the model takes its share
+    model_args = {"pretrained": str(tgt.base), "dtype": hw.dtype, "device": hw.device, "trust_remote_code": False,
+                  "batch_size": hw.batch_size}
     if tgt.adapter:
         model_args["peft"] = str(tgt.adapter)
-    if parallelize:
+    if hw.parallelize:
         model_args["parallelize"] = True
         model_args.pop("device")
     started = time.perf_counter()
-    # Only lm-eval's own mmlu task files are indexed (include_defaults=False): indexing all of its tasks takes
-    # ~13 s per score on a 2-core machine, the same YAML files are read either way.
-    mmlu_tasks = str(Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default")
-    with tempfile.TemporaryDirectory() as include:
-        if data is not None:
-            Path(include, "mmlu_local.yaml").write_text(group_yaml(data, datasets_cache(data)))
-            tasks, manager = ["mmlu_local"], TaskManager(include_path=[include, mmlu_tasks], include_defaults=False)
-        else:
-            tasks, manager = ["mmlu"], TaskManager(include_path=[mmlu_tasks], include_defaults=False)
-        try:
-            # lm-eval's own HFLM (its search on a GPU, a fixed batch when one is given), or on CPU the same class
-            # with the batch sized to the budget; either way lm-eval loads the model, the adapter and the dtype.
-            lm = HFLM(**model_args) if budget is None else budget_hflm_class()(memory_bytes=budget, **model_args)
-            with _fast_yaml():
-                results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
-                                                  batch_size=batch_size, limit=limit, task_manager=manager,
-                                                  log_samples=False)
-        except (RuntimeError, ValueError) as e:
-            # PEFT loading an adapter made for another model: other shapes, or other module names.
-            if tgt.adapter and ("size mismatch" in str(e) or "Target modules" in str(e)):
-                detail = next((line.strip() for line in str(e).splitlines()
-                               if "size mismatch" in line or "Target modules" in line), "")
-                raise UserError(f"the adapter {tgt.adapter} does not fit the base model {tgt.base}: {detail}; "
-                                f"pass the base it was trained on (--base DIR)") from None
-            raise
+    try:
+        # lm-eval's own HFLM (its search on a GPU, a fixed batch when one is given), or on CPU the same class with
+        # the batch sized to the budget; either way lm-eval loads the model, the adapter and the dtype.
+        lm = HFLM(**model_args) if budget is None else budget_hflm_class()(memory_bytes=budget, **model_args)
+        results = evaluate(lm, setting, hw.batch_size, log_samples)
+    except (RuntimeError, ValueError) as e:
+        # PEFT loading an adapter made for another model: other shapes, or other module names.
+        if tgt.adapter and ("size mismatch" in str(e) or "Target modules" in str(e)):
+            detail = next((line.strip() for line in str(e).splitlines()
+                           if "size mismatch" in line or "Target modules" in line), "")
+            raise UserError(f"the adapter {tgt.adapter} does not fit the base model {tgt.base}: {detail}; "
+                            f"pass the base it was trained on (--base DIR)") from None
+        raise
     wall = time.perf_counter() - started
     if results is None:  # a non-zero rank of a data-parallel `accelerate launch`: rank 0 has the results
         return None, None
-    return summarize(results, tgt, num_fewshot, limit, data, wall), results
+    return summarize(results, tgt, setting, wall), results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,28 +526,29 @@ def _fast_yaml():
         yaml.safe_load = plain
 
 
-def summarize(results: dict, tgt: Target, num_fewshot: int, limit: int | None, data: Path | None,
-              wall: float) -> dict:
-    """``mmlu.json``: top-level acc/stderr of the ``mmlu`` group, its four categories, every subject."""
+def summarize(results: dict, tgt: Target, setting: Setting, wall: float, runner: str = "process") -> dict:
+    """``mmlu.json``: top-level acc/stderr (of lm-eval's ``mmlu`` group, or of the chosen subjects), the four
+    categories (``None`` where the subjects leave one out), every subject, the setting, and how it was scored."""
     import lm_eval
 
     res = results["results"]
 
-    def pair(key: str) -> dict:
+    def pair(key: str) -> dict | None:
+        if key not in res:
+            return None
         stderr = res[key]["acc_stderr,none"]  # lm-eval writes "N/A" where it has no estimate (one question)
         return {"acc": res[key]["acc,none"], "acc_stderr": stderr if isinstance(stderr, (int, float)) else None}
 
     subjects = {k.removeprefix("mmlu_"): pair(k) for k in sorted(res)
                 if k.startswith("mmlu_") and k.removeprefix("mmlu_") not in (*CATEGORIES, "local")}
     return {
-        **pair("mmlu"),
+        **pair("mmlu" if "mmlu" in res else GROUP),
         "categories": {c: pair(f"mmlu_{c}") for c in CATEGORIES},
         "subjects": subjects,
-        "num_fewshot": num_fewshot,
-        "limit": limit,
+        **setting.record(),
         "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
         "model": tgt.identity(),
-        "data": data_label(data),
+        "runner": runner,
         "wall_s": round(wall, 2),
     }
 
@@ -484,7 +560,11 @@ def _version(name: str) -> str:
 
 
 def write(summary: dict, results: dict, out_dir: Path) -> Path:
-    """``out_dir/mmlu.json`` (atomically, last) and lm-eval's full results beside it, ``mmlu_lm_eval.json``."""
+    """``out_dir/mmlu.json`` (atomically, last) and lm-eval's full results beside it, ``mmlu_lm_eval.json``; with
+    lm-eval's per-request samples (``log_samples``), each request's log-likelihood in ``mmlu_samples.jsonl``."""
+    samples = results.pop("samples", None)
+    if samples is not None:
+        (out_dir / "mmlu_samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sample_rows(samples)))
     full = out_dir / "mmlu_lm_eval.json"
     full.write_text(json.dumps(results, indent=1, default=str) + "\n")
     from pipeline.files import atomic_write_text
@@ -500,12 +580,27 @@ def headline(summary: dict) -> str:
     return f"acc {summary['acc']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
+def sample_rows(samples: dict) -> list[dict]:
+    """lm-eval's ``samples`` (task -> its logged documents) as one row per document: the task, lm-eval's
+    ``doc_id``, the gold answer, each choice's (log-likelihood, is-greedy) and ``acc``: what two scorers of the
+    same checkpoint can be compared on, request by request."""
+    rows = []
+    for task in sorted(samples):
+        for doc in sorted(samples[task], key=lambda d: d["doc_id"]):
+            rows.append({"task": task, "doc_id": doc["doc_id"], "target": doc["target"],
+                         "resps": [[float(r[0][0]), bool(r[0][1])] for r in doc["resps"]], "acc": doc.get("acc")})
+    return rows
+
+
+SETTING = ("data", "num_fewshot", "limit", "subjects")
+
+
 def setting(summary: dict) -> dict:
-    """What a score depends on besides the model: the data, the shots, the question limit."""
-    return {k: summary[k] for k in ("data", "num_fewshot", "limit")}
+    """What a score depends on besides the model, as :meth:`Setting.record` writes it."""
+    return {k: summary[k] for k in SETTING if k in summary}
 
 
 def table_row(summary: dict) -> dict:
     """One ``mmlu.jsonl`` row."""
     return {"step": summary["model"]["step"], "acc": summary["acc"], "acc_stderr": summary["acc_stderr"],
-            **{c: summary["categories"][c]["acc"] for c in CATEGORIES}, **setting(summary)}
+            **{c: (summary["categories"][c] or {}).get("acc") for c in CATEGORIES}, **setting(summary)}

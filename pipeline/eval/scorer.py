@@ -102,7 +102,9 @@ class BackgroundScorer:
                "--mmlu-data", self.cfg.data,
                "--num-fewshot", str(self.cfg.num_fewshot), "--batch-size", self.cfg.batch_size,
                "--memory-gb", self.cfg.memory_gb, "--device", device]
-        return cmd + (["--limit", str(self.cfg.limit)] if self.cfg.limit else [])
+        return (cmd + (["--limit", str(self.cfg.limit)] if self.cfg.limit else []) +
+                (["--subjects", self.cfg.subjects] if self.cfg.subjects else []) +
+                (["--log-samples"] if self.cfg.log_samples else []))
 
     def begin(self) -> None:
         """Training starts: score the base model (step 0) while it trains, unless it already has a score."""

@@ -89,6 +89,20 @@ class Reporter:
         elif row["step"] % self._every == 0 or row["step"] == self.total:
             print(f"step {row['step']:>6}/{self.total}  {summary}", flush=True)
 
+    def event(self, row: dict[str, Any], scalars: dict[str, float]) -> None:
+        """Record something that happened after step ``row["step"]`` (``row["event"]`` says what; e.g. the pause
+        an MMLU score on the training ranks took): a row of ``metrics.jsonl`` without a loss, and ``scalars`` to
+        the trackers at that step."""
+        if not self.active:
+            return
+        if self._file is None and self._path is not None:
+            self._file = open(self._path, "a", encoding="utf-8")
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log(row["step"], scalars)
+
     def validation(self, row: dict[str, Any]) -> None:
         """Record one evaluation of the validation set: a row of ``val.jsonl`` beside ``metrics.jsonl``, a line."""
         if not self.active:

@@ -114,9 +114,20 @@ class Step:
     ds_skipped: bool  # DeepSpeed skipped the update (overflow check, or an fp16 loss-scale overflow)
 
 
-def train(engine, cfg: Config, info: dist.DistInfo, rows: Rows, wiring: Wiring, progress: Progress) -> int:
-    """Run optimizer steps ``progress.step + 1 .. cfg.train.max_steps``; return 0, or the number of the signal
-    that stopped the run early (after a checkpoint of the last finished step was saved).
+def loss_head(engine, cfg: Config, report: Reporter) -> LossHead:
+    """The run's loss head (``train.loss_chunk``), with a line where the model cannot take the chunked loss."""
+    loss_of = LossHead(engine, cfg.train.loss_chunk, engine.zero_optimization_partition_weights())
+    if loss_of.reason:
+        report.print(f"train.loss_chunk={cfg.train.loss_chunk} cannot be used with this model: {loss_of.reason}; "
+                     f"computing the loss from full logits")
+    return loss_of
+
+
+def train(engine, cfg: Config, info: dist.DistInfo, rows: Rows, wiring: Wiring, progress: Progress,
+          loss_of: LossHead) -> int:
+    """Run optimizer steps ``progress.step + 1 .. cfg.train.max_steps`` with the loss of ``loss_of``
+    (:func:`loss_head`); return 0, or the number of the signal that stopped the run early (after a checkpoint of the
+    last finished step was saved).
 
     The validation rows are evaluated (:func:`validation_loss`) before the first update of a fresh run, every
     ``train.eval_every`` steps and after the last step.
@@ -136,10 +147,6 @@ def train(engine, cfg: Config, info: dist.DistInfo, rows: Rows, wiring: Wiring, 
     fm, peak = flop_model(engine.module), peak_tflops(cfg.train.peak_tflops, info.on_gpu)
     checkpointing = cfg.model.gradient_checkpointing
     flatten = cfg.model.attn_implementation == "flash_attention_2"
-    loss_of = LossHead(engine, cfg.train.loss_chunk, engine.zero_optimization_partition_weights())
-    if loss_of.reason:
-        wiring.report.print(f"train.loss_chunk={cfg.train.loss_chunk} cannot be used with this model: "
-                            f"{loss_of.reason}; computing the loss from full logits")
 
     def validate(step: int) -> None:
         clock_v = Stopwatch()

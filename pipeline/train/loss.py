@@ -251,6 +251,42 @@ class LossHead:
         return ce + kept.float().sum() * 0.0
 
 
+    @torch.no_grad()
+    def token_logprobs(self, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's log-probability of ``targets[i]`` at position ``(rows[i], cols[i])`` of ``ids`` (``[B, S]``,
+        no attention mask: right padding is invisible to a causal model's earlier positions), and whether it is
+        the most likely token there: ``([N] fp32, [N] bool)``. The engine's mode is the caller's (eval for
+        scoring). Collective under ZeRO-3, as a training forward is.
+
+        Logits exist only at the ``N`` positions asked for, ``chunk`` rows of ``[chunk, vocab]`` fp32 at a time
+        (the chunked loss's own bound), computed as the full path would (the head's matmul in the model's dtype,
+        then fp32); where the model needs its own logits (``reason``), from those, one position per row kept.
+        """
+        inputs = {"input_ids": ids, "use_cache": False}
+        if not self.chunked:
+            logits = self.engine(**inputs).logits
+            return _logprobs_of(logits[rows, cols].float(), targets)
+        first = torch.zeros(1, dtype=torch.long, device=ids.device)
+        self.engine(**inputs, logits_to_keep=first)  # the head runs on one position a row, as in training
+        hidden, self._hidden = self._hidden, None
+        h = hidden[rows, cols]  # [N, H], a copy: the [B, S, H] states can go
+        del hidden
+        logp = torch.empty(len(targets), dtype=torch.float32, device=ids.device)
+        greedy = torch.empty(len(targets), dtype=torch.bool, device=ids.device)
+        with self._gather() if self.zero3 else contextlib.nullcontext():
+            for s in range(0, len(targets), self.chunk):
+                e = min(s + self.chunk, len(targets))
+                logp[s:e], greedy[s:e] = _logprobs_of(_chunk_logits(h[s:e], self.weight, self.bias), targets[s:e])
+        return logp, greedy
+
+
+def _logprobs_of(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``log_softmax(logits)[i, targets[i]]`` and ``argmax(logits[i]) == targets[i]`` for ``[N, V]`` fp32 logits."""
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    return target - torch.logsumexp(logits, dim=1), logits.argmax(dim=1) == targets
+
+
 def _why_not_chunked(base, zero3: bool) -> str | None:
     """Why the chunked loss cannot stand in for this model's own logits, or None if it can."""
     import inspect

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import distributed as dist
 from pipeline.config import to_dict
@@ -39,15 +39,16 @@ class Run:
     log: Reporter
     watch: PeerWatch
     data: Prepared  # the train and validation rows
-    pad_id: int
+    tokenizer: Any  # the run's tokenizer (its pad id for the batches; the engine scorer tokenises with it)
 
 
 def run(r: Run) -> None:
     """Train ``r.built`` from ``r.plan`` to ``train.max_steps``, or until a signal stops it (then exit 128 +
     signal, a checkpoint saved)."""
     from pipeline.distributed.preempt import StopRequest
+    from pipeline.eval.engine_scorer import ScoringStopped
     from pipeline.observe.metrics import Stopwatch
-    from pipeline.train.loop import Progress, Rows, Wiring, train
+    from pipeline.train.loop import Progress, Rows, Wiring, loss_head, train
 
     req, rt, plan, built, ds_config, info, log, watch, data = (r.req, r.rt, r.plan, r.built, r.ds_config, r.info,
                                                                 r.log, r.watch, r.data)
@@ -69,21 +70,39 @@ def run(r: Run) -> None:
     run_facts = checkpoint.run_facts(cfg, info.world_size, dist.zero_stage(ds_config), rt.precision,
                                      len(data.train), data.key)
     log.attach(trackers.Trackers(output_dir, cfg.logging, to_dict(cfg), log.print, active=info.rank == 0))
-    mmlu_scorer = scorer.BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0 and req.scoring)
+    on_engine = req.scoring and cfg.eval.mmlu.runner == "engine"
+    mmlu_scorer = scorer.BackgroundScorer(output_dir, cfg.eval.mmlu, active=info.rank == 0 and req.scoring and
+                                          not on_engine)
     mmlu_scorer.begin()  # the base model, as step 0
+    loss_of = loss_head(engine, cfg, log)
+    engine_scorer = None
 
     def save(p: Progress) -> None:
         clock = Stopwatch()
         checkpoint.save(engine, built.model, cfg, output_dir, p.step, info.rank, built.zero3, run_facts(p))
         log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
-        if not stop.signum:
-            mmlu_scorer.checkpoint_saved()
+        if stop.signum:
+            return
+        mmlu_scorer.checkpoint_saved()
+        if engine_scorer is not None:
+            try:
+                engine_scorer.after_save(p.step)
+            except ScoringStopped:  # the loop sees the signal next; the checkpoint is saved, its score is not
+                log.print(f"scoring step-{p.step} stopped; the next start scores it first")
 
+    signum, before_training = 0, False
     try:
         with StopRequest(announce=info.rank == 0) as stop:
-            built.meter.reset()  # the training peak, apart from the loading peak
-            signum = train(engine, cfg, info, Rows(data.train, data.val, r.pad_id), Wiring(log, save, stop, built.meter),
-                           progress)
+            if on_engine:
+                engine_scorer = _engine_scorer(r, loss_of, stop)
+                try:
+                    engine_scorer.at_start(progress.step if plan.kind == "resume" else None)
+                except ScoringStopped as e:
+                    signum, before_training = e.signum, True
+            if not signum:
+                built.meter.reset()  # the training peak, apart from the loading peak
+                signum = train(engine, cfg, info, Rows(data.train, data.val, r.tokenizer.pad_token_id),
+                               Wiring(log, save, stop, built.meter), progress, loss_of)
     except BaseException:
         mmlu_scorer.stop()
         raise
@@ -92,8 +111,9 @@ def run(r: Run) -> None:
 
     if signum:  # say so first: the launcher may forward the signal again (then the exit is at once, as 128 + it)
         mmlu_scorer.stop()
-        log.print(f"stopped by {signal.Signals(signum).name} after step {progress.step}, checkpoint saved; run the "
-                  f"same command again to resume")
+        saved = f"after step {progress.step}, checkpoint saved" if not before_training else \
+            f"while scoring MMLU at step {progress.step}, before training on: nothing new to save"
+        log.print(f"stopped by {signal.Signals(signum).name} {saved}; run the same command again to resume")
         log.close()
         if info.rank == 0:
             plot_losses(output_dir)
@@ -105,4 +125,30 @@ def run(r: Run) -> None:
     if mmlu_scorer.active:
         log.print("scoring the checkpoints on MMLU (eval.mmlu; eval.mmlu.every_checkpoint=false turns this off)...")
         log.print(mmlu_scorer.finish() or "")
+    elif engine_scorer is not None:
+        log.print(engine_scorer.table() or "")
     log.close()
+
+
+def _engine_scorer(r: Run, loss_of, stop):
+    """The MMLU scorer on the training ranks (``eval.mmlu.runner=engine``): lm-eval's model served by the live
+    engine through the loss head's log-probabilities, batches from the training batch, stops seen at every batch."""
+    from pathlib import Path
+
+    from pipeline.eval import score
+    from pipeline.eval.engine_lm import Batching, EngineLM
+    from pipeline.eval.engine_scorer import EngineScorer
+    from pipeline.eval.mmlu import resolve
+    from pipeline.files import cache_dir
+    from pipeline.model.lora import mutates_base
+
+    cfg = r.plan.cfg
+    mmlu, base = cfg.eval.mmlu, r.built.model.get_base_model()
+    rows = int(mmlu.batch_size) if mmlu.batch_size.isdigit() else 64
+    tokens = 2 ** 62 if mmlu.batch_size.isdigit() else 4 * cfg.train.micro_batch_size * cfg.train.seq_len
+    lm = EngineLM(r.tokenizer, base.config, loss_of.token_logprobs, r.info, Batching(rows, tokens),
+                  lambda: dist.max_over_ranks(stop.signum))
+    setting = score.Setting(resolve(mmlu.data, int(mmlu.num_fewshot), cache_dir()), int(mmlu.num_fewshot),
+                            mmlu.limit or None, tuple(mmlu.parse_subjects(mmlu.subjects)))
+    return EngineScorer(r.req.output_dir, setting, mmlu.log_samples, lm, r.built.engine, r.built.model,
+                        Path(cfg.model.name_or_path), not mutates_base(cfg.lora), r.info, r.log)

@@ -109,6 +109,7 @@ def check_request(args) -> Request:
         from pipeline.eval import mmlu
 
         mmlu.resolve(cfg.eval.mmlu.data, int(cfg.eval.mmlu.num_fewshot), files.cache_dir())
+        mmlu.check_subjects(cfg.eval.mmlu.parse_subjects(cfg.eval.mmlu.subjects))
     continuing = checkpoint.holds_run(output_dir) and not args.overwrite
     peer_timeout = watchdog.timeout_from_env()
     if continuing:
