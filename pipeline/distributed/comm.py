@@ -135,10 +135,26 @@ def cpu_threads_per_rank() -> int:
     return max(1, cores // max(1, int(local)))
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
+    """Every rank (of ``group``, a :func:`subgroup`; default all) reaches this point."""
     import torch.distributed as dist
 
-    dist.barrier()
+    dist.barrier(group=group)
+
+
+_SUBGROUPS: dict[int, Any] = {}
+
+
+def subgroup(size: int):
+    """The process group of ranks ``0 .. size - 1`` (``None``: all of them). Collective the first time a size is
+    asked for: every rank must ask for the same sizes in the same order (``torch.distributed.new_group``)."""
+    import torch.distributed as dist
+
+    if size >= dist.get_world_size():
+        return None
+    if size not in _SUBGROUPS:
+        _SUBGROUPS[size] = dist.new_group(list(range(size)))
+    return _SUBGROUPS[size]
 
 
 def all_reduce_sum(t):
@@ -149,14 +165,14 @@ def all_reduce_sum(t):
     return t
 
 
-def exchange(values):
+def exchange(values, group=None):
     """Every rank's 1-D tensor ``values``, stacked in rank order (``[world, len]``), with one all-gather: sums and
-    maxima of several small values then cost one collective."""
+    maxima of several small values then cost one collective. ``group``: among a :func:`subgroup`'s ranks only."""
     import torch
     import torch.distributed as dist
 
-    out = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, values)
+    out = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, values, group=group)
     return torch.stack(out)
 
 
@@ -198,12 +214,13 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def gather_objects_to(obj: Any, dst: int = 0) -> list[Any] | None:
-    """Every rank's ``obj``, in rank order, on rank ``dst``; ``None`` elsewhere."""
+def gather_objects_to(obj: Any, dst: int = 0, group=None) -> list[Any] | None:
+    """Every rank's ``obj`` (of ``group``, a :func:`subgroup`), in rank order, on global rank ``dst``; ``None``
+    elsewhere."""
     import torch.distributed as dist
 
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    out: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
     return out
 
 

@@ -34,6 +34,9 @@ from pipeline import distributed as dist
 LogProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+BATCHES, DONE = 1, 2  # what lm-eval's ranks tell the serving ranks (see EngineLM.serve)
+
+
 class ScoringStopped(Exception):
     """A stop signal reached some rank while scoring; every rank raises this at the same batch."""
 
@@ -70,21 +73,48 @@ class EngineLM(TemplateLM):
         self.tokenizer = tokenizer
         self._logprobs, self._batching, self._stop = logprobs, batching, stop
         self._rank, self._world_size, self._device = info.rank, info.world_size, info.device
+        self._group = None  # lm-eval's ranks (see take_part); None: all
         # HFLM's rule (lm_eval/models/huggingface.py, max_length): the config's positions, else the tokenizer's.
         self._max_length = resolve_max_length(config, tokenizer, default=2048)
         self.forwards = 0  # forward calls this rank made (real and padding): equal on every rank
         self.requests = 0  # requests this rank scored
 
+    # Who runs lm-eval. lm-eval gives each of its ranks a slice of every task's documents and stops on a rank whose
+    # slice is empty ("did not find any docs"): with more ranks than a task has questions (a small ``limit``, many
+    # GPUs) only the first ``size`` ranks run it, and the others serve forwards (:meth:`serve`).
+
+    def take_part(self, size: int) -> bool:
+        """lm-eval runs on ranks ``0 .. size - 1`` (their :func:`pipeline.distributed.subgroup`); True on those.
+        Collective: every rank calls it with the same ``size`` before each score."""
+        self._group = dist.subgroup(size)
+        rank = dist.env_rank()
+        self._rank, self._world_size = (rank, size) if rank < size else (0, 1)
+        return rank < size
+
+    def serve(self) -> None:
+        """On a rank outside lm-eval's: make the forwards the others' batches need (one-token stand-ins), until
+        they are done (:meth:`done`). Raises :class:`ScoringStopped` with them."""
+        while True:
+            phase, total = dist.max_over_ranks([0, 0])
+            if phase == DONE:
+                return
+            for _ in range(total):
+                self._forward(None, None, [])
+
+    def done(self) -> None:
+        """On lm-eval's ranks, after ``simple_evaluate``: let the serving ranks go."""
+        dist.max_over_ranks([DONE, 0])
+
     # What lm-eval's evaluator asks of a distributed LM
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return dist.exchange(tensor.reshape(-1)).reshape(-1)
+        return dist.exchange(tensor.reshape(-1), self._group).reshape(-1)
 
     def gather_object(self, obj, dst: int = 0):
-        return dist.gather_objects_to(obj, dst)
+        return dist.gather_objects_to(obj, dst, self._group)
 
     def barrier(self) -> None:
-        dist.barrier()
+        dist.barrier(self._group)
 
     @property
     def tokenizer_name(self) -> str:
@@ -105,6 +135,11 @@ class EngineLM(TemplateLM):
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per forward, at most (what lm-eval records as the batch size)."""
+        return self._batching.rows
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
@@ -140,20 +175,25 @@ class EngineLM(TemplateLM):
         order = sorted(inputs, key=lambda toks: (-len(toks), toks))  # longest first, as HFLM's Collator
         batches = self._batches(order)
         # Every rank makes the same number of forwards (ZeRO-3 gathers are collective): the most any rank needs.
-        total = dist.max_over_ranks(len(batches))
+        _, total = dist.max_over_ranks([BATCHES, len(batches)])
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         for k in range(total):
-            signum = self._stop()
-            if signum:
-                raise ScoringStopped(signum)
-            rows = batches[k] if k < len(batches) else [(self.prefix_token_id,)]  # a one-token stand-in
-            ids, where, targets, owners = self._assemble(rows, inputs if k < len(batches) else None, requests)
-            logp, greedy = self._logprobs(ids, where[0], where[1], targets)
-            self.forwards += 1
-            for i, span in owners:  # each request's positions: one contiguous span of the flat results
-                out[i] = (float(logp[span].sum()), bool(greedy[span].all()))
+            real = k < len(batches)
+            self._forward(batches[k] if real else None, inputs if real else None, requests, out)
         self.requests += len(requests)
         return out  # type: ignore[return-value]
+
+    def _forward(self, rows, inputs, requests, out=None) -> None:
+        """One forward of every rank: ``rows`` of this batch (``None``: a one-token stand-in row, whose result no
+        request reads), each request's result into ``out``. A stop signal on any rank stops every rank here."""
+        signum = self._stop()
+        if signum:
+            raise ScoringStopped(signum)
+        ids, where, targets, owners = self._assemble(rows or [(self.prefix_token_id,)], inputs, requests)
+        logp, greedy = self._logprobs(ids, where[0], where[1], targets)
+        self.forwards += 1
+        for i, span in owners:  # each request's positions: one contiguous span of the flat results
+            out[i] = (float(logp[span].sum()), bool(greedy[span].all()))
 
     def _batches(self, order: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
         """Rows longest first, each batch padded to its first row: at most ``rows`` rows and ``tokens`` tokens."""

@@ -59,6 +59,7 @@ class EngineScorer:
         self.output_dir, self.setting, self.log_samples = output_dir, setting, log_samples
         self.lm, self.engine, self.model, self.base_dir = lm, engine, model, base_dir
         self.adapters_off_is_base, self.info, self.log = adapters_off_is_base, info, report_to
+        self._lm_eval_ranks: int | None = None
 
     # When
 
@@ -120,9 +121,14 @@ class EngineScorer:
         forwards_before = self.lm.forwards
         self.log.print(f"MMLU: scoring {what} on the training engine ({self.info.world_size} rank(s))...")
         base = step == 0 and not adapters_as_initialised
+        ranks = self._ranks()
         with _paused(self.engine), _kept_rng(self.info.on_gpu), _quiet_lm_eval(), \
                 (self.model.disable_adapter() if base else contextlib.nullcontext()):
-            results = score.evaluate(self.lm, self.setting, self.lm._batching.rows, self.log_samples)
+            if self.lm.take_part(ranks):
+                results = score.evaluate(self.lm, self.setting, self.lm.batch_size, self.log_samples)
+                self.lm.done()
+            else:
+                self.lm.serve()
         pause = time.perf_counter() - started
         forwards = self.lm.forwards - forwards_before
         if self.info.rank != 0:
@@ -130,7 +136,7 @@ class EngineScorer:
         adapter = None if step == 0 else result_dir / "adapter"
         tgt = score.Target(self.base_dir, adapter, step, result_dir)
         summary = score.summarize(results, tgt, self.setting, pause, runner="engine")
-        summary["ranks"], summary["forwards_per_rank"] = self.info.world_size, forwards
+        summary["ranks"], summary["lm_eval_ranks"], summary["forwards_per_rank"] = self.info.world_size, ranks, forwards
         summary["model"]["adapters"] = "disabled" if base else ("as initialised" if step == 0 else "trained")
         score.write(summary, results, result_dir)
         report.record(self.output_dir, score.table_row(summary))
@@ -139,6 +145,21 @@ class EngineScorer:
         self.log.print(f"MMLU, {what}: {score.headline(summary)}; training paused {pause:.1f} s ({forwards} forwards "
                        f"a rank)")
         return summary
+
+    def _ranks(self) -> int:
+        """How many ranks run lm-eval: all, unless a task has fewer questions than there are ranks (lm-eval
+        refuses a rank with none); the others serve forwards. The same on every rank (rank 0 reads the data)."""
+        if self._lm_eval_ranks is None:
+            def fewest() -> int:
+                if self.setting.data is None:  # the hub's cais/mmlu: its smallest test split has 100 questions
+                    return min(100, self.setting.limit or 100)
+                from pipeline.eval.mmlu import test_questions
+
+                sizes = test_questions(self.setting.data, list(self.setting.subjects))
+                return min(min(sizes.values()), self.setting.limit or 10 ** 9)
+
+            self._lm_eval_ranks = max(1, min(self.info.world_size, dist.on_rank0(fewest, self.info.rank)))
+        return self._lm_eval_ranks
 
     def table(self) -> str | None:
         """``mmlu.md`` (rank 0), for the end of the run."""

@@ -64,6 +64,14 @@ def check_subjects(names: list[str], option: str = "eval.mmlu.subjects") -> None
                             (f" (did you mean {near[0]!r}?)" if near else f" (the subjects: {', '.join(known)})"))
 
 
+def test_questions(root: Path, names: list[str]) -> dict[str, int]:
+    """Subject -> questions in its ``test`` split (all subjects, or ``names``), from the parquet footers."""
+    import pyarrow.parquet as pq
+
+    return {s: sum(pq.read_metadata(f).num_rows for f in (root / s).glob("test-*.parquet"))
+            for s in (names or subjects())}
+
+
 def check(root: Path, num_fewshot: int) -> None:
     """Every subject of lm-eval's ``mmlu`` present in the hub layout, with well-formed rows."""
     import pyarrow.parquet as pq
