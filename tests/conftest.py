@@ -166,7 +166,9 @@ def held_out_loss(model, rows) -> tuple[float, int]:
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step rows of ``metrics.jsonl`` (not the rows of events after a step, such as an MMLU score's pause)."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]
 
 
 def trained_after(rows: list[dict], ref: list[dict], at: int) -> tuple[list[dict], list[dict]]:

@@ -63,8 +63,10 @@ def main(argv=None) -> None:
     from pipeline.train import checkpoint
 
     checkpoint.probe_output_dir(req.output_dir, info.rank)  # fail now, not after loading a 70B model
-    plan = start.decide(req.cfg, start.find_point(req, info.rank), info.world_size, req.output_dir,
-                        dist.zero_stage(req.ds_json), rt.precision, data.key, len(data.train))
+    point = start.find_point(req, info.rank)
+    plan = start.decide(req.cfg, point, info.world_size, req.output_dir, dist.zero_stage(req.ds_json),
+                        rt.precision, data.key, len(data.train),
+                        dist.on_rank0(lambda: start.waits_for_engine_score(req, point), info.rank))
     for note in plan.notes:
         log.print(note)
     if plan.kind == "nothing_to_do":

@@ -18,6 +18,8 @@
   another BLAS) would hold them.
 - ``freeze``: the rank stops (SIGSTOP) in the middle of this step, every thread of it: as a node that vanished
   without closing its connections looks to the others (until SIGCONT).
+- ``sigterm-scoring``, ``kill-scoring``: as ``sigterm`` and ``kill``, at the first forward of the MMLU score of this
+  step's checkpoint on the training engine (``eval.mmlu.runner=engine``; step 0: the base model).
 
 With ``LORAPLUS_FAULT_ONCE=DIR`` a fault fires once only, in whichever start of the run reaches it first: a file
 ``DIR/<kind>@<step>-rank<rank>`` records that it did (and, in its content, when and where: ``time.time()`` and
@@ -71,6 +73,13 @@ def during_step(step: int, rank: int) -> None:
         time.sleep(2.0)
     if _fires("freeze", step, rank):
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def during_scoring(step: int, rank: int) -> None:
+    if _fires("sigterm-scoring", step, rank):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if _fires("kill-scoring", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def before_write(step: int, rank: int) -> None:

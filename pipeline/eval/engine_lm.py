@@ -28,6 +28,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 
 from pipeline import distributed as dist
+from pipeline.distributed import faults
 
 #: ``logprobs(ids [B, S], rows [N], cols [N], targets [N]) -> (log p [N] fp32, is argmax [N] bool)``: the model's
 #: log-probability of ``targets[i]`` at position ``(rows[i], cols[i])`` of the batch ``ids``. Collective.
@@ -76,16 +77,19 @@ class EngineLM(TemplateLM):
         self._group = None  # lm-eval's ranks (see take_part); None: all
         # HFLM's rule (lm_eval/models/huggingface.py, max_length): the config's positions, else the tokenizer's.
         self._max_length = resolve_max_length(config, tokenizer, default=2048)
-        self.forwards = 0  # forward calls this rank made (real and padding): equal on every rank
-        self.requests = 0  # requests this rank scored
+        self.forwards = 0  # forward calls this rank made in the current score (real and stand-ins): equal on all
+        self.requests = 0  # requests this rank scored in the current score
+        self.step = 0  # the step being scored (for the fault injection of the tests)
 
     # Who runs lm-eval. lm-eval gives each of its ranks a slice of every task's documents and stops on a rank whose
     # slice is empty ("did not find any docs"): with more ranks than a task has questions (a small ``limit``, many
     # GPUs) only the first ``size`` ranks run it, and the others serve forwards (:meth:`serve`).
 
-    def take_part(self, size: int) -> bool:
-        """lm-eval runs on ranks ``0 .. size - 1`` (their :func:`pipeline.distributed.subgroup`); True on those.
-        Collective: every rank calls it with the same ``size`` before each score."""
+    def take_part(self, step: int, size: int) -> bool:
+        """A score of ``step`` begins; lm-eval runs on ranks ``0 .. size - 1`` (their
+        :func:`pipeline.distributed.subgroup`): True on those. Collective: every rank calls it with the same
+        ``size`` before each score."""
+        self.step, self.forwards, self.requests = step, 0, 0
         self._group = dist.subgroup(size)
         rank = dist.env_rank()
         self._rank, self._world_size = (rank, size) if rank < size else (0, 1)
@@ -186,6 +190,8 @@ class EngineLM(TemplateLM):
     def _forward(self, rows, inputs, requests, out=None) -> None:
         """One forward of every rank: ``rows`` of this batch (``None``: a one-token stand-in row, whose result no
         request reads), each request's result into ``out``. A stop signal on any rank stops every rank here."""
+        if self.forwards == 0:
+            faults.during_scoring(self.step, dist.env_rank())
         signum = self._stop()
         if signum:
             raise ScoringStopped(signum)

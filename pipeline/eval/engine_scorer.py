@@ -23,7 +23,6 @@ next start scores it first. Collective: every rank calls every method.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -94,16 +93,7 @@ class EngineScorer:
 
     def _needs(self, step: int) -> bool:
         """Whether ``step`` has no score of this setting yet (rank 0 reads; every rank gets the answer)."""
-        want = self.setting.record()
-
-        def missing() -> bool:
-            try:
-                summary = json.loads((self._result_dir(step) / "mmlu.json").read_text())
-                return score.setting(summary) != want
-            except (OSError, ValueError, KeyError):
-                return True
-
-        return dist.on_rank0(missing, self.info.rank)
+        return dist.on_rank0(lambda: not score.has_score(self._result_dir(step), self.setting), self.info.rank)
 
     def score(self, step: int, adapters_as_initialised: bool = False) -> dict | None:
         """Score the live model as ``step`` (0: the base model) on every rank; record it on rank 0 (``mmlu.json``,
@@ -118,19 +108,18 @@ class EngineScorer:
         if self.info.rank == 0:
             result_dir.mkdir(exist_ok=True)
         started = time.perf_counter()
-        forwards_before = self.lm.forwards
         self.log.print(f"MMLU: scoring {what} on the training engine ({self.info.world_size} rank(s))...")
         base = step == 0 and not adapters_as_initialised
         ranks = self._ranks()
         with _paused(self.engine), _kept_rng(self.info.on_gpu), _quiet_lm_eval(), \
                 (self.model.disable_adapter() if base else contextlib.nullcontext()):
-            if self.lm.take_part(ranks):
+            if self.lm.take_part(step, ranks):
                 results = score.evaluate(self.lm, self.setting, self.lm.batch_size, self.log_samples)
                 self.lm.done()
             else:
                 self.lm.serve()
         pause = time.perf_counter() - started
-        forwards = self.lm.forwards - forwards_before
+        forwards = self.lm.forwards
         if self.info.rank != 0:
             return None
         adapter = None if step == 0 else result_dir / "adapter"

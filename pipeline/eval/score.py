@@ -138,9 +138,29 @@ class Setting:
     subjects: tuple[str, ...] = ()
 
     def record(self) -> dict:
-        """As ``mmlu.json``, ``mmlu.jsonl`` and the watcher compare it (``subjects`` only where some are chosen)."""
+        """As ``mmlu.json``, ``mmlu.jsonl`` and the watcher compare it (``subset``: the chosen subjects, only where
+        some are chosen; ``mmlu.json``'s ``subjects`` holds each subject's score)."""
         out = {"data": data_label(self.data), "num_fewshot": self.num_fewshot, "limit": self.limit}
-        return {**out, "subjects": list(self.subjects)} if self.subjects else out
+        return {**out, "subset": list(self.subjects)} if self.subjects else out
+
+
+def configured_setting(cfg: MmluEvalConfig) -> Setting:
+    """The :class:`Setting` a run's ``eval.mmlu`` asks for (``num_fewshot`` resolved; the data checked)."""
+    from pipeline.eval import mmlu
+    from pipeline.files import cache_dir
+
+    shots = int(cfg.num_fewshot)
+    return Setting(mmlu.resolve(cfg.data, shots, cache_dir()), shots, cfg.limit or None,
+                   tuple(cfg.parse_subjects(cfg.subjects)))
+
+
+def has_score(result_dir: Path, wanted: Setting) -> bool:
+    """``result_dir`` (``base/`` or a checkpoint) holds an ``mmlu.json`` of the setting ``wanted``."""
+    try:
+        summary = json.loads((result_dir / "mmlu.json").read_text())
+        return setting(summary) == wanted.record()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -592,7 +612,7 @@ def sample_rows(samples: dict) -> list[dict]:
     return rows
 
 
-SETTING = ("data", "num_fewshot", "limit", "subjects")
+SETTING = ("data", "num_fewshot", "limit", "subset")
 
 
 def setting(summary: dict) -> dict:

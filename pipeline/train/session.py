@@ -138,8 +138,6 @@ def _engine_scorer(r: Run, loss_of, stop):
     from pipeline.eval import score
     from pipeline.eval.engine_lm import Batching, EngineLM
     from pipeline.eval.engine_scorer import EngineScorer
-    from pipeline.eval.mmlu import resolve
-    from pipeline.files import cache_dir
     from pipeline.model.lora import mutates_base
 
     cfg = r.plan.cfg
@@ -148,7 +146,6 @@ def _engine_scorer(r: Run, loss_of, stop):
     tokens = 2 ** 62 if mmlu.batch_size.isdigit() else 4 * cfg.train.micro_batch_size * cfg.train.seq_len
     lm = EngineLM(r.tokenizer, base.config, loss_of.token_logprobs, r.info, Batching(rows, tokens),
                   lambda: dist.max_over_ranks(stop.signum))
-    setting = score.Setting(resolve(mmlu.data, int(mmlu.num_fewshot), cache_dir()), int(mmlu.num_fewshot),
-                            mmlu.limit or None, tuple(mmlu.parse_subjects(mmlu.subjects)))
-    return EngineScorer(r.req.output_dir, setting, mmlu.log_samples, lm, r.built.engine, r.built.model,
+    return EngineScorer(r.req.output_dir, score.configured_setting(mmlu), mmlu.log_samples, lm, r.built.engine,
+                        r.built.model,
                         Path(cfg.model.name_or_path), not mutates_base(cfg.lora), r.info, r.log)

@@ -143,8 +143,10 @@ def find_point(req: Request, rank: int) -> checkpoint.ResumePoint | None:
 
 
 def decide(cfg: Config, point: checkpoint.ResumePoint | None, world_size: int, output_dir: Path,
-           zero_stage: int, precision: str, data_id: str, num_samples: int) -> Start:
-    """How this start begins, from the resume point (``None``: nothing to continue).
+           zero_stage: int, precision: str, data_id: str, num_samples: int, unscored: bool = False) -> Start:
+    """How this start begins, from the resume point (``None``: nothing to continue). ``unscored``: the point's
+    checkpoint waits for its MMLU score on the training engine (:func:`waits_for_engine_score`); a finished run
+    is then resumed to score it, and trains no step.
 
     Raises:
         UserError: a checkpoint this start cannot continue (another ZeRO stage or precision, changed data, a
@@ -153,10 +155,13 @@ def decide(cfg: Config, point: checkpoint.ResumePoint | None, world_size: int, o
     if point is None:
         return Start("fresh", cfg)
     notes = list(point.notes)
-    if point.step >= cfg.train.max_steps:
+    if point.step >= cfg.train.max_steps and not (unscored and point.directory is not None):
         notes.append(f"nothing to do: {output_dir} is at step {point.step} of train.max_steps="
                      f"{cfg.train.max_steps}; raise train.max_steps to train further")
         return Start("nothing_to_do", cfg, notes=tuple(notes))
+    if point.step >= cfg.train.max_steps:
+        notes.append(f"{output_dir} is at step {point.step} of train.max_steps={cfg.train.max_steps}: loading "
+                     f"{point.directory.name} only to score it on MMLU (eval.mmlu.runner=engine); nothing to train")
     if point.directory is None:
         notes.append(f"{output_dir} holds a run without a complete checkpoint: starting it from step 0")
         return Start("fresh", cfg, point, notes=tuple(notes))  # its metrics are cut back to step 0
@@ -165,6 +170,16 @@ def decide(cfg: Config, point: checkpoint.ResumePoint | None, world_size: int, o
         notes.append(note)
     resume.check_compatible(point.state, zero_stage, precision, data_id, num_samples, point.directory.name)
     return Start("resume", cfg, point, resume.universal_needed(point, world_size), tuple(notes))
+
+
+def waits_for_engine_score(req: Request, point: checkpoint.ResumePoint | None) -> bool:
+    """The newest checkpoint has no MMLU score yet and the training ranks score (``eval.mmlu.runner=engine``): a
+    stop or a crash came while it was being scored."""
+    if not (req.scoring and req.cfg.eval.mmlu.runner == "engine") or point is None or point.directory is None:
+        return False
+    from pipeline.eval import score
+
+    return not score.has_score(point.directory, score.configured_setting(req.cfg.eval.mmlu))
 
 
 def run_notes(cfg: Config, rt: Runtime) -> list[str]:
