@@ -79,3 +79,13 @@ def largest_difference(engine: dict, cli: CliScore) -> float:
         for (a, _), (b, _) in zip(choices, theirs):
             worst = max(worst, abs(a - b))
     return worst
+
+
+def near_ties(cli: CliScore, tol: float) -> int:
+    """Questions whose two likeliest choices are within ``tol`` of each other in lm-eval's log-likelihoods: where
+    a difference within ``tol`` may pick another answer."""
+    ties = 0
+    for choices in cli.requests.values():
+        best = sorted((ll for ll, _ in choices), reverse=True)
+        ties += len(best) > 1 and best[0] - best[1] < tol
+    return ties

@@ -51,12 +51,20 @@ COMMON = [f"optim.lr={LR}", f"train.max_steps={STEPS}", f"schedule.warmup_steps=
 
 _RUNS: dict[str, tuple[Path, str]] = {}
 
+# The base model and each checkpoint scored on MMLU by the training ranks (eval.mmlu.runner=engine), 0-shot, two
+# questions a subject (each of the two ranks runs lm-eval on its question), every request logged: compared with
+# lm-eval's CLI below, and the equivalence of the stages holds with it (scoring disturbs no training:
+# tests/test_engine_scoring.py).
+ENGINE = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.num_fewshot=0",
+          "eval.mmlu.limit=2", "eval.mmlu.log_samples=true"]
+ENGINE_SCORED = ("zero0", "zero1", "zero2", "zero3", "zero0_ws1_ga2", "zero3-constant", "zero3_offload-constant")
+
 
 def _run(tmp_root: Path, key: str, args: list[str], nprocs: int) -> tuple[Path, str]:
     """Run once per session; return (output_dir, stdout)."""
     if key not in _RUNS:
         out = tmp_root / key
-        proc = run_train([f"output_dir={out}", *args], nprocs=nprocs)
+        proc = run_train([f"output_dir={out}", *args, *(ENGINE if key in ENGINE_SCORED else [])], nprocs=nprocs)
         _RUNS[key] = (out, proc.stdout + proc.stderr)
     return _RUNS[key]
 
@@ -311,12 +319,73 @@ def test_bf16_checkpoint_exports_and_scores_on_mmlu(runs_root, tmp_path):
     scored = tmp_path / "scored"  # a copy with the last checkpoint only: one scoring pass is enough here
     shutil.copytree(out, scored)
     shutil.rmtree(scored / "checkpoints" / "step-3")
+    (scored / "mmlu.jsonl").unlink()  # the engine's scores (ENGINE: another setting, which the watcher leaves)
     watch = [sys.executable, str(REPO / "eval" / "watch.py"), "--run", str(scored), "--once", "--mmlu-data",
              "sample", "--limit", "1", "--batch-size", "16", "--no-base"]
     proc = subprocess.run(watch, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (scored / "mmlu.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6] and 0 <= rows[0]["acc"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MMLU on the training engine, every stage: lm-eval's CLI on the same checkpoint, request by request
+
+ENGINE_CASES = {  # run key -> (run, dtype of lm-eval's CLI, tolerance on one request's log-likelihood)
+    "zero0": (zero_run, "zero0", "float32", 1e-4), "zero1": (zero_run, "zero1", "float32", 1e-4),
+    "zero2": (zero_run, "zero2", "float32", 1e-4), "zero3": (zero_run, "zero3", "float32", 1e-4),
+    "zero0_ws1_ga2": (zero_run, "zero0_ws1_ga2", "float32", 1e-4),
+    # bf16: both compute the logits by a bf16 matmul, batched differently (a logit may come out one unit in the
+    # last place apart: 2^-4 in [8, 16)); lm-eval's HFLM then rounds its log_softmax to bf16 (half a unit: 2^-6 at
+    # 4-8) where the engine keeps fp32. Two units of a logit: 0.125; measured 0.067 and 0.075 (0.053 on another run)
+    "zero3-constant": (bf16_run, "zero3", "bfloat16", 0.125),
+    "zero3_offload-constant": (bf16_run, "zero3_offload", "bfloat16", 0.125),
+}
+
+
+@pytest.fixture(scope="module")
+def engine_vs_cli(runs_root, tmp_path_factory) -> dict:
+    """Each ENGINE_CASES run's last checkpoint scored by lm-eval's CLI (two at a time): key -> (result dir, CLI)."""
+    from tests import lm_eval_cli
+
+    root = tmp_path_factory.mktemp("engine-cli")
+    pending, done = list(ENGINE_CASES.items()), {}
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        jobs = []
+        for key, (run, stage, dtype, _) in batch:
+            out, _ = run(runs_root, stage)
+            ckpt = out / "checkpoints" / f"step-{STEPS}"
+            base = Path(json.loads((ckpt / "mmlu.json").read_text())["model"]["base"])
+            (root / key).mkdir()
+            cmd = lm_eval_cli.command(base, ckpt / "adapter", root / key, 0, 2, dtype)
+            jobs.append((key, ckpt, lm_eval_cli.start(cmd, root / key)))
+        for key, ckpt, job in jobs:
+            done[key] = ckpt, lm_eval_cli.finish(job, root / key)
+    return done
+
+
+@pytest.mark.parametrize("key", list(ENGINE_CASES))
+def test_engine_scores_are_lm_evals_cli_scores(engine_vs_cli, key):
+    """ZeRO 0-3 (every parameter partitioned), world size 1 and 2, bf16, ZeRO-3 with offload: the score the training
+    ranks gave the last checkpoint is lm-eval's CLI score of the saved adapter on the base model: every request's
+    log-likelihood within the tolerance (fp32 1e-4, measured 3.1-3.8e-6; bf16 0.125, see ENGINE_CASES), the same acc
+    and stderr (bf16: answers may differ only on questions whose two likeliest choices are that close)."""
+    from tests import lm_eval_cli
+
+    ckpt, cli = engine_vs_cli[key]
+    tol = ENGINE_CASES[key][3]
+    summary = json.loads((ckpt / "mmlu.json").read_text())
+    diff = lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(ckpt), cli)
+    print(f"{key}: {len(cli.requests)} questions, largest log-likelihood difference {diff:.2g}")
+    assert diff < tol
+    assert summary["runner"] == "engine" and summary["ranks"] == (1 if key == "zero0_ws1_ga2" else 2)
+    if tol < 1e-3:
+        assert summary["acc"] == pytest.approx(cli.acc, abs=1e-12) and \
+            summary["acc_stderr"] == pytest.approx(cli.acc_stderr, abs=1e-12)
+    else:  # bf16: an answer may differ only where lm-eval's own top two choices are closer than the tolerance
+        flips = round(abs(summary["acc"] - cli.acc) * len(cli.requests))
+        assert flips <= lm_eval_cli.near_ties(cli, tol), (summary["acc"], cli.acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
