@@ -121,7 +121,7 @@ def test_a_stop_while_scoring_and_a_rank_lost_while_scoring(runs):
     it trains step 6. A rank SIGKILLed in the score of step 10: the job ends at once; the restart has nothing to
     train and scores step 10. Each score once, for its step; the uninterrupted run's losses."""
     out, (first, second, third) = runs["faults"]
-    assert "[exit 143" in first and "scoring step-5 stopped; the next start scores it first" in first
+    assert "[exit 143" in first and "step-5 is not scored (stopping); the next start scores it first" in first
     assert "stopped by SIGTERM after step 5, checkpoint saved" in first
     assert "MMLU, step-5" not in first
     assert second.index("resumed from step-5") < second.index("MMLU, step-5: acc") < second.index("step      6/")

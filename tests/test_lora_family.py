@@ -39,7 +39,12 @@ def _args(out: Path, val: Path, stage: str, family: tuple[str, ...]) -> list[str
     return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"optim.lr={LR}",
             f"seed={SEED}", "lora.dropout=0", *family, f"optim.dora_magnitude_ratio={MAGNITUDE}",
             f"data.val_path={val}", f"train.eval_every={STEPS}", "train.save_every=3",
-            "--deepspeed_config", ds_config(stage)]
+            "--deepspeed_config", ds_config(stage), *ENGINE]
+
+
+# Scored on MMLU by the training ranks at steps 0, 3 and 6 (0-shot, two questions a subject, every request logged).
+ENGINE = ("eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.num_fewshot=0",
+          "eval.mmlu.limit=2", "eval.mmlu.log_samples=true")
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +149,50 @@ def test_the_resume_reapplied_the_stored_factors(resumed_run):
     assert re.search(r"lora.init_lora_weights=olora: \d+ adapters factorised, the same on all 2 rank", stdout)
     assert re.search(r"lora.init_lora_weights=olora: \d+ adapters read from \S+lora_init, the same on all 2 rank",
                      stdout), stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cli_scores(dora_run, resumed_run, tiny_model_dir, tmp_path_factory) -> dict:
+    """lm-eval's CLI on the original base model, and on it with each run's last saved (converted) adapter, two at a
+    time: name -> (the engine's result directory, the CLI's score)."""
+    from tests import lm_eval_cli
+
+    root = tmp_path_factory.mktemp("family-cli")
+    cases = {"pissa-base": (dora_run[0] / "base", None),
+             "zero3": (dora_run[0] / "checkpoints" / f"step-{STEPS}", "adapter"),
+             "zero2-resumed": (resumed_run[0] / "checkpoints" / f"step-{STEPS}", "adapter")}
+    done, items = {}, list(cases.items())
+    while items:
+        batch, items = items[:2], items[2:]
+        jobs = []
+        for name, (result_dir, adapter) in batch:
+            (root / name).mkdir()
+            cmd = lm_eval_cli.command(tiny_model_dir, result_dir / adapter if adapter else None, root / name, 0, 2)
+            jobs.append((name, result_dir, lm_eval_cli.start(cmd, root / name)))
+        for name, result_dir, job in jobs:
+            done[name] = result_dir, lm_eval_cli.finish(job, root / name)
+    return done
+
+
+@pytest.mark.parametrize("name", ["pissa-base", "zero3", "zero2-resumed"])
+def test_engine_scores_the_family_as_lm_evals_cli(cli_scores, name):
+    """The training ranks' MMLU scores of DoRA + rsLoRA + PiSSA (ZeRO-3) and DoRA + OLoRA (ZeRO-2, across the
+    resume) equal lm-eval's CLI on the saved adapter on the original base, request by request (1e-4); and step 0 of
+    the PiSSA run, scored with the adapters as initialised (the residual plus the principal part), is the original
+    base model's score."""
+    from tests import lm_eval_cli
+
+    result_dir, cli = cli_scores[name]
+    summary = json.loads((result_dir / "mmlu.json").read_text())
+    diff = lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(result_dir), cli)
+    print(f"{name}: largest log-likelihood difference {diff:.2g} over {len(cli.requests)} questions")
+    assert diff < 1e-4
+    assert summary["acc"] == pytest.approx(cli.acc, abs=1e-12)
+    assert summary["model"]["adapters"] == ("as initialised" if name == "pissa-base" else "trained")
+
+
+def test_the_resumed_start_scored_the_checkpoint_the_stop_left_unscored(resumed_run):
+    """SIGTERM in step 3: step-3 was saved as the run stopped, unscored; the resumed start scored it first."""
+    out, _, stdout = resumed_run
+    assert stdout.index("resumed from step-3") < stdout.index("MMLU, step-3: acc") < stdout.index("step      4/")
+    assert [json.loads(x)["step"] for x in (out / "mmlu.jsonl").read_text().splitlines()] == [0, 3, STEPS]

@@ -95,6 +95,10 @@ class EngineLM(TemplateLM):
         self._rank, self._world_size = (rank, size) if rank < size else (0, 1)
         return rank < size
 
+    def stop_signal(self) -> int:
+        """A stop signal seen by any rank, or 0. Collective."""
+        return self._stop()
+
     def serve(self) -> None:
         """On a rank outside lm-eval's: make the forwards the others' batches need (one-token stand-ins), until
         they are done (:meth:`done`). Raises :class:`ScoringStopped` with them."""

@@ -103,6 +103,9 @@ class EngineScorer:
         Raises:
             ScoringStopped: a stop signal came while scoring (on every rank, at the same batch); nothing recorded.
         """
+        signum = self.lm.stop_signal()  # a signal before the score begins (in the save before it): no score
+        if signum:
+            raise ScoringStopped(signum)
         result_dir = self._result_dir(step)
         what = "the base model (step 0)" if step == 0 else f"step-{step}"
         if self.info.rank == 0:

@@ -81,14 +81,13 @@ def run(r: Run) -> None:
         clock = Stopwatch()
         checkpoint.save(engine, built.model, cfg, output_dir, p.step, info.rank, built.zero3, run_facts(p))
         log.print(f"saved checkpoint step-{p.step} in {clock.elapsed():.1f} s")
-        if stop.signum:
-            return
-        mmlu_scorer.checkpoint_saved()
-        if engine_scorer is not None:
+        if not stop.signum:
+            mmlu_scorer.checkpoint_saved()
+        if engine_scorer is not None:  # every rank: a signal seen by one rank stops all of them in there
             try:
                 engine_scorer.after_save(p.step)
             except ScoringStopped:  # the loop sees the signal next; the checkpoint is saved, its score is not
-                log.print(f"scoring step-{p.step} stopped; the next start scores it first")
+                log.print(f"step-{p.step} is not scored (stopping); the next start scores it first")
 
     signum, before_training = 0, False
     try:
