@@ -31,7 +31,7 @@ import pytest
 from pipeline import rundir
 from tests import cluster
 from tests.conftest import REPO, ds_config, read_metrics
-from tests.test_distributed import COMMON, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
+from tests.test_distributed import COMMON, ENGINE, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
 
 pytestmark = pytest.mark.launcher
 
@@ -180,7 +180,7 @@ def lines(path: Path) -> list[str]:
 def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # noqa: F811
     out = tmp_path / "two-nodes"
     port = free_port()
-    args = [f"output_dir={out}", *COMMON, *ZERO3, "eval.mmlu.every_checkpoint=false"]
+    args = [f"output_dir={out}", *COMMON, *ZERO3, *ENGINE]  # scored on MMLU by the two nodes' ranks
     jobs = []
     try:
         for node in (0, 1):  # from another directory than the repository: node.sh finds train.py itself
@@ -202,6 +202,19 @@ def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # n
     print(f"\ntwo nodes x 1 rank vs one node x 2 ranks, ZeRO-3: max loss difference {diff:.3g} over {STEPS} steps")
     assert diff <= 1e-5
     assert rundir.latest_name(out) == f"step-{STEPS}"
+
+    # MMLU on the training engine across the two nodes: lm-eval's CLI gives the saved checkpoint the same score,
+    # request by request.
+    from tests import lm_eval_cli
+
+    ckpt = out / "checkpoints" / f"step-{STEPS}"
+    summary = json.loads((ckpt / "mmlu.json").read_text())
+    assert summary["runner"] == "engine" and summary["ranks"] == 2 and "MMLU, step-6: acc" in log0
+    cmd = lm_eval_cli.command(Path(summary["model"]["base"]), ckpt / "adapter", tmp_path / "cli", 0, 2)
+    (tmp_path / "cli").mkdir(exist_ok=True)
+    cli = lm_eval_cli.finish(lm_eval_cli.start(cmd, tmp_path / "cli"), tmp_path / "cli")
+    assert lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(ckpt), cli) < 1e-4
+    assert summary["acc"] == pytest.approx(cli.acc, abs=1e-12)
 
 
 PEER_TIMEOUT = 10  # LORAPLUS_PEER_TIMEOUT in these tests (60 by default)

@@ -9,10 +9,12 @@ says so and is skipped, except under ``CI``, where it fails: ``.ci/run`` must ru
 Five launcher runs, each shared by several assertions (2 CPU ranks, the bundled data, 128-token rows, the shipped
 DeepSpeed JSONs as users run them):
 
-- ZeRO-3 fp32, 6 steps, its checkpoint scored in the background on the bundled MMLU sample with the base model
-  (step 0): one question a subject, 0-shot (5-shot prompts cost several times more; a 5-shot score of SmolLM2 is
-  measured in ``bench/score_memory.py``);
-- the same run stopped by SIGTERM at step 3, and resumed to 6;
+- ZeRO-3 fp32, 6 steps, the base model (step 0) and its checkpoint scored on the bundled MMLU sample by the
+  training ranks themselves (``eval.mmlu.runner=engine``): two questions a subject, 0-shot (5-shot prompts cost
+  several times more; 5-shot scores of SmolLM2 are measured in ``bench/score_engine.py``), each request compared
+  with lm-eval's CLI;
+- the same run stopped by SIGTERM at step 3, and resumed to 6, scored by the background process (``runner=process``,
+  one question a subject);
 - ZeRO-2 fp32, 6 steps: ZeRO-3's losses step for step;
 - ZeRO-2 bf16, 6 steps.
 """
@@ -60,14 +62,18 @@ def runs(smollm2, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """name -> (output_dir, stdout) of the tier's runs."""
     root = tmp_path_factory.mktemp("smollm2")
     done = {}
-    scored = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.data=sample", "eval.mmlu.limit=1",
-              "eval.mmlu.num_fewshot=0", "train.save_every=0"]
+    engine = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.data=sample",
+              "eval.mmlu.limit=2", "eval.mmlu.num_fewshot=0", "eval.mmlu.log_samples=true", "train.save_every=0"]
     out = root / "zero3"
-    done["zero3"] = out, run_train(_args(smollm2, out, "zero3", *scored), nprocs=2, timeout=1500).stdout
+    done["zero3"] = out, run_train(_args(smollm2, out, "zero3", *engine), nprocs=2, timeout=1500).stdout
+    process = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=process", "eval.mmlu.data=sample",
+               "eval.mmlu.limit=1", "eval.mmlu.num_fewshot=0"]
     out = root / "zero3-stopped"
-    stopped = run_train(_args(smollm2, out, "zero3"), nprocs=2, check=False, env={"LORAPLUS_FAULT": "sigterm@3"})
+    stopped = run_train(_args(smollm2, out, "zero3", *process), nprocs=2, check=False,
+                        env={"LORAPLUS_FAULT": "sigterm@3"})
     assert stopped.returncode != 0, stopped.stdout[-2000:]
-    done["zero3-stopped"] = out, stopped.stdout + run_train(_args(smollm2, out, "zero3"), nprocs=2).stdout
+    done["zero3-stopped"] = out, stopped.stdout + run_train(_args(smollm2, out, "zero3", *process), nprocs=2,
+                                                            timeout=1500).stdout
     out = root / "zero2"
     done["zero2"] = out, run_train(_args(smollm2, out, "zero2"), nprocs=2).stdout
     out = root / "zero2-bf16"
@@ -132,12 +138,40 @@ def test_stop_and_resume_give_the_uninterrupted_losses(runs):
     assert _val(out)[STEPS] == pytest.approx(_val(runs["zero3"][0])[STEPS], abs=1e-5)
 
 
-def test_scorer_scores_the_base_model_and_each_checkpoint(runs):
-    out, stdout = runs["zero3"]
+def test_background_scorer_scores_the_base_model_and_each_checkpoint_across_the_stop(runs):
+    """The process runner (a background process on the CPU) beside the stopped and resumed run: the base model and
+    both checkpoints, each once."""
+    out, stdout = runs["zero3-stopped"]
     rows = [json.loads(line) for line in (out / "mmlu.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows) == [0, STEPS]
+    assert sorted(r["step"] for r in rows) == [0, 3, STEPS]
     assert all(r["num_fewshot"] == 0 and r["limit"] == 1 and 0 <= r["acc"] <= 1 for r in rows)
+    assert all(json.loads((out / d / "mmlu.json").read_text())["runner"] == "process"
+               for d in ("base", f"checkpoints/step-{STEPS}"))
     assert "| 0 (base model) |" in stdout and "Best checkpoint: **step-" in stdout
+
+
+def test_engine_scores_are_lm_evals_cli_scores(runs, smollm2, tmp_path):
+    """The training ranks scored SmolLM2 under ZeRO-3 (the shipped JSON: its projections and tied embedding
+    partitioned) at step 0 and step 6; lm-eval's CLI on the base model and on the saved adapter gives every request
+    the same log-likelihood (1e-4, fp32) and the same acc and stderr."""
+    from tests import lm_eval_cli
+
+    out, stdout = runs["zero3"]
+    assert "MMLU, the base model (step 0): acc" in stdout and f"MMLU, step-{STEPS}: acc" in stdout
+    jobs = {}
+    for step, result_dir in ((0, out / "base"), (STEPS, out / "checkpoints" / f"step-{STEPS}")):
+        (tmp_path / str(step)).mkdir()
+        adapter = result_dir / "adapter" if step else None
+        jobs[step] = result_dir, lm_eval_cli.start(lm_eval_cli.command(smollm2, adapter, tmp_path / str(step), 0, 2),
+                                                   tmp_path / str(step))
+    for step, (result_dir, job) in jobs.items():
+        cli = lm_eval_cli.finish(job, tmp_path / str(step))
+        summary = json.loads((result_dir / "mmlu.json").read_text())
+        diff = lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(result_dir), cli)
+        print(f"SmolLM2 step {step}: largest log-likelihood difference {diff:.2g} over {len(cli.requests)} questions")
+        assert diff < 1e-4 and summary["runner"] == "engine"
+        assert summary["acc"] == pytest.approx(cli.acc, abs=1e-12)
+        assert summary["acc_stderr"] == pytest.approx(cli.acc_stderr, abs=1e-12)
 
 
 def test_zero3_adapter_loads_in_plain_peft_and_the_merged_export_matches(runs, smollm2, tmp_path):
