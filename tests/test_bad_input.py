@@ -377,3 +377,17 @@ def test_import_gguf_refuses_a_non_gguf_and_a_directory_that_holds_files(tmp_pat
         assert len(errors) == 1 and all(n in errors[0] for n in needles), proc.stderr
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"] and (taken / "notes.txt").read_text() == "my work"
+
+
+@pytest.mark.parametrize("case", ["runner", "engine-device", "subject"])
+def test_bad_mmlu_scoring_settings_are_refused_at_the_start(tmp_path, case):
+    """eval.mmlu.* for the engine runner, through launch/train.py: refused before any process group, one line."""
+    out = tmp_path / "o"
+    args, needles = {
+        "runner": (["eval.mmlu.runner=ranks"], ["eval.mmlu.runner", "process or engine"]),
+        "engine-device": (["eval.mmlu.runner=engine", "eval.mmlu.device=cuda:0"], ["eval.mmlu.device", "drop it"]),
+        "subject": (["eval.mmlu.runner=engine", "eval.mmlu.subjects=anatomy,astronmy"],
+                    ["eval.mmlu.subjects", "'astronmy' is not an MMLU subject", "'astronomy'"]),
+    }[case]
+    proc = run_train([f"output_dir={out}", "eval.mmlu.every_checkpoint=true", *args], check=False)
+    assert_refused(proc, out, *needles)

@@ -147,3 +147,18 @@ def test_family_quick(tmp_path, tiny_model_dir):
     for x in rows.values():
         assert list(x["curve"]) == ["0", "2", "4"] or list(x["curve"]) == [0, 2, 4]
     assert (tmp_path / "family.png").stat().st_size > 10_000
+
+
+def test_score_engine_quick(tmp_path):
+    """bench/score_engine.py on the tiny model: the engine and the background process score the same checkpoint of
+    the same run to the same requests (the runs train identically), and the bench reports each score's cost and
+    every process's peak memory."""
+    out = tmp_path / "score_engine"
+    bench("score_engine.py", "--quick", "--out", str(out), "--runs", str(tmp_path / "runs"))
+    res = json.loads(out.with_suffix(".json").read_text())
+    engine, process = res["runs"]["engine-ws2"], res["runs"]["process-ws2"]
+    assert {"rank 0", "rank 1"} <= engine["peak_rss_gib"].keys() and "scorer" in process["peak_rss_gib"]
+    assert all(engine["scores"][s]["pause_s"] > 0 for s in ("0", "2"))
+    for step, cmp in res["comparisons"]["engine-ws2 vs process-ws2"].items():
+        assert cmp["same_acc"] and cmp["largest_loglik_difference"] < 1e-4, (step, cmp)
+    assert "largest difference" in out.with_suffix(".md").read_text()

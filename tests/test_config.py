@@ -357,6 +357,35 @@ def test_scorer_memory_budget_key(tmp_path):
                             "'eval.mmlu.memory_gb'", "a number of GiB > 0, or auto")
 
 
+def test_scorer_runner_and_subject_keys():
+    """``eval.mmlu.runner``: process (default) or engine; the process runner's device and memory budget are refused
+    with the engine (they would mean nothing); ``eval.mmlu.subjects``: a list of subject names, each once."""
+    assert make_config().eval.mmlu.runner == "process"
+    assert make_config(overrides=["eval.mmlu.runner=engine"]).eval.mmlu.runner == "engine"
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.runner=gpu"]), "eval.mmlu.runner",
+                        "process or engine", "'gpu'")
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.runner=engine", "eval.mmlu.device=cuda:1"]),
+                        "eval.mmlu.device", "runner=engine", "drop it")
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.runner=engine", "eval.mmlu.memory_gb=4"]),
+                        "eval.mmlu.memory_gb", "runner=engine")
+    cfg = make_config(overrides=["eval.mmlu.subjects=anatomy, virology"]).eval.mmlu
+    assert cfg.parse_subjects(cfg.subjects) == ["anatomy", "virology"]
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.subjects=anatomy,anatomy"]), "eval.mmlu.subjects",
+                        "twice")
+    raises_config_error(lambda: make_config(overrides=["eval.mmlu.subjects=High School Physics"]),
+                        "eval.mmlu.subjects", "not an MMLU subject name")
+
+
+def test_subjects_are_lm_evals():
+    """A well-formed name that is not one of lm-eval's 57 subjects is refused with the nearest one."""
+    from pipeline.errors import UserError
+    from pipeline.eval.mmlu import check_subjects
+
+    check_subjects(["anatomy", "high_school_physics"])
+    with pytest.raises(UserError, match="'anatomi' is not an MMLU subject .did you mean 'anatomy'"):
+        check_subjects(["anatomi"])
+
+
 def test_dataclass_validation_direct():
     with pytest.raises(ConfigError, match="lora.dropout"):
         LoraConfig(dropout=1.0)
