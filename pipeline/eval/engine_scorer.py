@@ -65,8 +65,9 @@ class EngineScorer:
     def at_start(self, resumed_step: int | None) -> None:
         """A fresh start: score the base model (step 0). A resumed one: the base model and the checkpoint it
         resumed from, where either has no score yet; say which older checkpoints are left for the watcher."""
-        if resumed_step is None:
-            self.score(0, adapters_as_initialised=not self.adapters_off_is_base)
+        if resumed_step is None:  # (a base score of this setting is kept: a run restarted before its first save)
+            if self._needs(0):
+                self.score(0, adapters_as_initialised=not self.adapters_off_is_base)
             return
         if self._needs(0):
             if self.adapters_off_is_base:
