@@ -49,7 +49,7 @@ class Sampler(threading.Thread):
         self.pid, self.every = pid, every
         self.peaks: dict[str, int] = {}
         self.job_peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     @staticmethod
     def role(cmdline: list[str]) -> str:
@@ -68,7 +68,7 @@ class Sampler(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             total = 0
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -85,13 +85,14 @@ class Sampler(threading.Thread):
             time.sleep(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
-def train_args(model: str, out: Path, runner: str | None, shots: int, limit: int, quick: bool) -> list[str]:
+def train_args(model: str, out: Path, runner: str | None, world: int, shots: int, limit: int) -> list[str]:
     args = [f"output_dir={out}", f"model.name_or_path={model}", "train.max_steps=2", "train.save_every=2",
             "train.micro_batch_size=4", "train.seq_len=256", "optim.lr=1e-4", "seed=5",
+            f"train.grad_accum={2 // world}",  # the same global batch of 8 on 1 rank as on 2: the same training
             "--deepspeed_config", str(REPO / "deepspeed_configs" / "zero3.json")]
     if runner is None:
         return args + ["eval.mmlu.every_checkpoint=false"]
@@ -99,12 +100,12 @@ def train_args(model: str, out: Path, runner: str | None, shots: int, limit: int
                    f"eval.mmlu.num_fewshot={shots}", f"eval.mmlu.limit={limit}", "eval.mmlu.log_samples=true"]
 
 
-def run_case(name: str, model: str, root: Path, shots: int, limit: int, quick: bool) -> dict:
+def run_case(name: str, model: str, root: Path, shots: int, limit: int) -> dict:
     runner, world = CASES[name]
     out = root / name
     port = random.randint(20000, 40000)
     cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port), str(REPO / "launch" / "train.py"),
-           *train_args(model, out, runner, shots, limit, quick)]
+           *train_args(model, out, runner, world, shots, limit)]
     log = open(root / f"{name}.log", "w")
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -137,6 +138,7 @@ def scores(out: Path, runner: str | None) -> dict:
         row = {"acc": summary["acc"], "acc_stderr": summary["acc_stderr"], "scorer_wall_s": summary["wall_s"]}
         if runner == "engine":
             row["pause_s"] = pauses[step]
+            row["forwards_per_rank"], row["lm_eval_ranks"] = summary["forwards_per_rank"], summary["lm_eval_ranks"]
         elif step:  # seconds from the sealed checkpoint to its score on disk
             sealed = (result_dir / "manifest.json").stat().st_mtime
             row["save_to_score_s"] = round((result_dir / "mmlu.json").stat().st_mtime - sealed, 1)
@@ -176,7 +178,7 @@ def report(res: dict) -> str:
                 return "-"
             s = sc[step]
             if "pause_s" in s:
-                return f"{s['pause_s']:.1f} (pause)"
+                return f"{s['pause_s']:.1f} (pause, {s['forwards_per_rank']} forwards a rank)"
             extra = f", save to score {s['save_to_score_s']:.1f}" if "save_to_score_s" in s else ""
             return f"{s['scorer_wall_s']:.1f} (background{extra})"
 
@@ -218,7 +220,7 @@ def main(argv=None) -> None:
     runs = {}
     for case in (("engine-ws2", "process-ws2") if args.quick else CASES):
         print(f"{case}...", flush=True)
-        runs[case] = run_case(case, str(model), root, shots, limit, args.quick)
+        runs[case] = run_case(case, str(model), root, shots, limit)
         print(json.dumps({k: v for k, v in runs[case].items() if k != "output_dir"}), flush=True)
     import datetime
     import platform

@@ -373,8 +373,8 @@ class MmluEvalConfig:
     batch_size: str = "auto"
     """Rows per forward: a number (it wins), or ``auto``. ``process``: lm-eval's own search on a GPU, and on CPU the
     largest batch that keeps the scorer within ``memory_gb`` for the requests at hand (sized again as they get
-    shorter). ``engine``: up to 64 rows and 4 x ``train.micro_batch_size`` x ``train.seq_len`` tokens a forward
-    (inference keeps no activations for a backward)."""
+    shorter). ``engine``: up to 64 rows and ``train.micro_batch_size`` x ``train.seq_len`` tokens a forward (one row
+    at least), what a training micro-batch holds."""
     device: str = "cpu"
     """Where the background scorer runs: ``cpu`` (default, leaves the training GPUs alone) or ``cuda:N``, GPU N of
     the node as the launcher numbers them (the scorer sees only that GPU). Pick one no training rank uses."""

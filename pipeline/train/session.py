@@ -142,7 +142,10 @@ def _engine_scorer(r: Run, loss_of, stop):
     cfg = r.plan.cfg
     mmlu, base = cfg.eval.mmlu, r.built.model.get_base_model()
     rows = int(mmlu.batch_size) if mmlu.batch_size.isdigit() else 64
-    tokens = 2 ** 62 if mmlu.batch_size.isdigit() else 4 * cfg.train.micro_batch_size * cfg.train.seq_len
+    # auto: no more tokens a forward than a training micro-batch holds (one row at least): measured on SmolLM2 (CPU,
+    # fp32, 5-shot), four times that raised a rank's peak by 1.4-1.7 GiB over training's (attention's scores grow
+    # with the square of a row's length; bench/README.md, "MMLU on the training engine").
+    tokens = 2 ** 62 if mmlu.batch_size.isdigit() else cfg.train.micro_batch_size * cfg.train.seq_len
     lm = EngineLM(r.tokenizer, base.config, loss_of.token_logprobs, r.info, Batching(rows, tokens),
                   lambda: dist.max_over_ranks(stop.signum))
     return EngineScorer(r.req.output_dir, score.configured_setting(mmlu), mmlu.log_samples, lm, r.built.engine,
