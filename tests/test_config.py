@@ -339,7 +339,7 @@ def test_train_precision_loss_chunk_and_scorer_device_keys():
                         "auto, bf16, fp32")
     assert make_config().train.loss_chunk > 0 and make_config(overrides=["train.loss_chunk=0"]).train.loss_chunk == 0
     raises_config_error(lambda: make_config(overrides=["train.loss_chunk=-1"]), "train.loss_chunk", ">= 0")
-    assert make_config(overrides=["eval.mmlu.device=cuda:3"]).eval.mmlu.device == "cuda:3"
+    assert make_config(overrides=["eval.mmlu.runner=process", "eval.mmlu.device=cuda:3"]).eval.mmlu.device == "cuda:3"
     raises_config_error(lambda: make_config(overrides=["eval.mmlu.device=cuda"]), "eval.mmlu.device",
                         "rank 0's training GPU")
     raises_config_error(lambda: make_config(overrides=["eval.mmlu.device=gpu1"]), "eval.mmlu.device", "cuda:N")
@@ -349,19 +349,20 @@ def test_scorer_memory_budget_key(tmp_path):
     """``eval.mmlu.memory_gb``: ``auto`` by default, a number of GiB from a recipe or the command line (YAML reads
     ``4`` as an int: it is kept as text, like the other eval.mmlu keys), anything else one error naming the key."""
     assert make_config().eval.mmlu.memory_gb == "auto"
-    assert make_config(overrides=["eval.mmlu.memory_gb=2.5"]).eval.mmlu.memory_gb == "2.5"
-    recipe = write(tmp_path / "r.yaml", "eval:\n  mmlu:\n    memory_gb: 4\n")
+    assert make_config(overrides=["eval.mmlu.runner=process", "eval.mmlu.memory_gb=2.5"]).eval.mmlu.memory_gb == "2.5"
+    recipe = write(tmp_path / "r.yaml", "eval:\n  mmlu:\n    runner: process\n    memory_gb: 4\n")
     assert make_config(recipe).eval.mmlu.memory_gb == "4"
     for bad in ("0", "-1", "lots", "nan", ".inf", "4GB"):
-        raises_config_error(lambda bad=bad: make_config(overrides=[f"eval.mmlu.memory_gb={bad}"]),
+        raises_config_error(lambda bad=bad: make_config(overrides=["eval.mmlu.runner=process",
+                                                                   f"eval.mmlu.memory_gb={bad}"]),
                             "'eval.mmlu.memory_gb'", "a number of GiB > 0, or auto")
 
 
 def test_scorer_runner_and_subject_keys():
-    """``eval.mmlu.runner``: process (default) or engine; the process runner's device and memory budget are refused
+    """``eval.mmlu.runner``: engine (default) or process; the process runner's device and memory budget are refused
     with the engine (they would mean nothing); ``eval.mmlu.subjects``: a list of subject names, each once."""
-    assert make_config().eval.mmlu.runner == "process"
-    assert make_config(overrides=["eval.mmlu.runner=engine"]).eval.mmlu.runner == "engine"
+    assert make_config().eval.mmlu.runner == "engine"
+    assert make_config(overrides=["eval.mmlu.runner=process"]).eval.mmlu.runner == "process"
     raises_config_error(lambda: make_config(overrides=["eval.mmlu.runner=gpu"]), "eval.mmlu.runner",
                         "process or engine", "'gpu'")
     raises_config_error(lambda: make_config(overrides=["eval.mmlu.runner=engine", "eval.mmlu.device=cuda:1"]),

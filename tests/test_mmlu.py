@@ -46,7 +46,8 @@ def error_line(proc) -> str:
 #: ``QUICK`` finds every checkpoint already scored), and the defaults otherwise: device cpu, batch size auto (sized
 #: to the memory budget, ``eval.mmlu.memory_gb: auto``), so that its scores, set against lm-eval's CLI at a fixed
 #: batch of 16, check the budget-sized batches too.
-SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.limit=2", "eval.mmlu.num_fewshot=5"]
+SCORE_IN_TRAINING = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=process", "eval.mmlu.limit=2",
+                     "eval.mmlu.num_fewshot=5"]
 #: A budget a little above what eval/mmlu.py holds before its first batch on the tiny model (about 0.5 GiB): batches
 #: smaller than lm-eval's cap of 64, growing as the requests get shorter (``scored_elsewhere``'s merged-model score).
 SMALL_BUDGET = ["--batch-size", "auto", "--memory-gb", "0.65"]

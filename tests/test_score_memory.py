@@ -159,6 +159,6 @@ def test_background_scorer_passes_the_budget(tmp_path):
     from pipeline.config import make_config
     from pipeline.eval.scorer import BackgroundScorer
 
-    cfg = make_config(None, ["eval.mmlu.memory_gb=6"]).eval.mmlu
+    cfg = make_config(None, ["eval.mmlu.runner=process", "eval.mmlu.memory_gb=6"]).eval.mmlu
     cmd = BackgroundScorer(Path(tmp_path), cfg, active=True).command("cpu")
     assert cmd[cmd.index("--memory-gb") + 1] == "6" and cmd[cmd.index("--batch-size") + 1] == "auto"
