@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline import rundir
-from pipeline.config import BUILTIN_DATA, Config, ConfigError, make_config, to_dict
+from pipeline.config import BUILTIN_DATA, Config, ConfigError, MmluEvalConfig, make_config, to_dict
 from pipeline.errors import UserError
 
 # Settings that may change between starts: where and how long to run, how often to save, and how the (same)
@@ -20,8 +20,7 @@ from pipeline.errors import UserError
 MAY_CHANGE = {
     "output_dir", "deepspeed_config", "train.max_steps", "train.save_every", "train.keep_last", "train.on_nonfinite",
     "train.micro_batch_size", "train.grad_accum", "model.gradient_checkpointing", "model.attn_implementation",
-    *(f"eval.mmlu.{k}" for k in ("every_checkpoint", "data", "num_fewshot", "limit", "batch_size", "device",
-                                        "memory_gb")),
+    *(f"eval.mmlu.{k}" for k in MmluEvalConfig.__dataclass_fields__),  # how and where it is scored
     *(f"logging.{k}" for k in ("tensorboard", "wandb", "wandb_project", "wandb_name")),  # where it is watched
 }
 
