@@ -1,8 +1,8 @@
 """The run around the loop: ``output_dir`` receives (or continues) the run, the resumed state is loaded, and the
 loop trains with its wiring: a checkpoint every ``train.save_every`` steps, at the end and when a signal stops
-the run (``preempt.StopRequest``), the background MMLU scorer after each save, the trackers; then the end of the
-run (``loss.png``, the MMLU table, exit status 128 + signal after a stop). Collective: every rank calls
-:func:`run`."""
+the run (``preempt.StopRequest``), MMLU at the start and after each save (on the training ranks,
+``eval.mmlu.runner=engine``, or by the background process), the trackers; then the end of the run (``loss.png``,
+the MMLU table, exit status 128 + signal after a stop). Collective: every rank calls :func:`run`."""
 
 from __future__ import annotations
 
@@ -149,5 +149,4 @@ def _engine_scorer(r: Run, loss_of, stop):
     lm = EngineLM(r.tokenizer, base.config, loss_of.token_logprobs, r.info, Batching(rows, tokens),
                   lambda: dist.max_over_ranks(stop.signum))
     return EngineScorer(r.req.output_dir, score.configured_setting(mmlu), mmlu.log_samples, lm, r.built.engine,
-                        r.built.model,
-                        Path(cfg.model.name_or_path), not mutates_base(cfg.lora), r.info, r.log)
+                        r.built.model, Path(cfg.model.name_or_path), not mutates_base(cfg.lora), r.info, r.log)
