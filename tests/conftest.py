@@ -93,21 +93,33 @@ def ds_config(stage: str) -> str:
     the tiny test models is below it, so with it a ZeRO-3 test would run with every weight whole on every rank and
     no gather collective. The file is written once per content under the temp directory (the launcher's ranks, a
     second node and a SLURM job all read it by path)."""
-    import hashlib
-    import tempfile
-
     shipped = REPO / "deepspeed_configs" / f"{stage}.json"
     ds = json.loads(shipped.read_text())
     if ds.get("zero_optimization", {}).get("stage") != 3:
         return f"deepspeed_configs/{stage}.json"
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    text = json.dumps(ds, indent=1) + "\n"
-    path = Path(tempfile.gettempdir()) / f"loraplus-tests-{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    return str(write_once(f"loraplus-tests-{stage}", ".json", json.dumps(ds, indent=1) + "\n"))
+
+
+def write_once(prefix: str, suffix: str, text: str) -> Path:
+    """``text`` in a file under the temp directory named by its content (``prefix-<hash><suffix>``), written once
+    and atomically, so that concurrent test sessions and every process of a launch read the same complete file."""
+    import hashlib
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:12]}{suffix}"
     if not path.is_file():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-    return str(path)
+    return path
+
+
+#: MMLU scored by the training ranks at the start and after each save (eval.mmlu.runner=engine), 0-shot, two
+#: questions a subject (each of two ranks runs lm-eval on its question), every request logged: what the launcher
+#: tests compare with lm-eval's CLI (tests/lm_eval_cli.py).
+ENGINE_SCORING = ("eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.num_fewshot=0",
+                  "eval.mmlu.limit=2", "eval.mmlu.log_samples=true")
 
 
 #: What the start log says of a ZeRO-3 run with ``ds_config``'s JSON: nothing kept whole.

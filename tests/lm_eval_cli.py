@@ -40,14 +40,41 @@ def command(base: Path, adapter: Path | None, out: Path, num_fewshot: int, limit
 
 def start(cmd: list[str], out: Path) -> subprocess.Popen:
     """Start ``cmd`` in the background (its output into files: a pipe could fill)."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=open(out / "cli.out", "w"), stderr=open(out / "cli.err", "w"),
-                            env=OFFLINE)
+    with open(out / "cli.out", "w") as stdout, open(out / "cli.err", "w") as stderr:  # the child keeps its own
+        return subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, env=OFFLINE)
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: int = 900) -> CliScore:
     """Wait for a :func:`start` and read what it wrote."""
     assert proc.wait(timeout=timeout) == 0, (out / "cli.err").read_text()[-3000:]
     return read(out / "results")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checkpoint (or the base model alone: ``adapter`` None) for lm-eval's CLI to score."""
+
+    base: Path
+    adapter: Path | None
+    num_fewshot: int
+    limit: int
+    dtype: str = "float32"
+
+
+def score_all(jobs: dict[str, Job], root: Path, at_once: int = 2) -> dict[str, CliScore]:
+    """lm-eval's CLI on each job, ``at_once`` at a time (each keeps about one of the 2 cores busy), every job's files
+    under ``root/<name>``: name -> its score."""
+    done, pending = {}, list(jobs.items())
+    while pending:
+        batch, pending = pending[:at_once], pending[at_once:]
+        running = []
+        for name, job in batch:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            cmd = command(job.base, job.adapter, root / name, job.num_fewshot, job.limit, job.dtype)
+            running.append((name, start(cmd, root / name)))
+        for name, proc in running:
+            done[name] = finish(proc, root / name)
+    return done
 
 
 def read(results: Path) -> CliScore:

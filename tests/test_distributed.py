@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from pipeline.optim.schedule import multiplier
-from tests.conftest import ALL_PARTITIONED, ds_config, held_out_loss, read_metrics, run_train, trained_after
+from tests.conftest import (
+    ALL_PARTITIONED,
+    ENGINE_SCORING,
+    ds_config,
+    held_out_loss,
+    read_metrics,
+    run_train,
+    trained_after,
+    write_once,
+)
 
 pytestmark = pytest.mark.launcher
 
@@ -24,19 +33,10 @@ pytestmark = pytest.mark.launcher
 def instruction_file() -> Path:
     """The bundled instruction tasks alone (the bundled file also holds multiple-choice items, whose 2 loss tokens
     make a 6-step loss curve hinge on which kind each batch draws): one file per content, under the temp dir."""
-    import hashlib
-    import tempfile
-
     from pipeline.data.builtin import generate_dataset
 
-    text = "".join(json.dumps(r) + "\n" for r in generate_dataset())
-    key = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"loraplus-tests-instructions-{key}.jsonl"
-    if not path.is_file():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
+    return write_once("loraplus-tests-instructions", ".jsonl",
+                      "".join(json.dumps(r) + "\n" for r in generate_dataset()))
 
 
 # The shipped default's 1e-3 suits 150 steps from the tiny base; over these 6 steps (warmup 2, lr_B 16x) it
@@ -51,12 +51,9 @@ COMMON = [f"optim.lr={LR}", f"train.max_steps={STEPS}", f"schedule.warmup_steps=
 
 _RUNS: dict[str, tuple[Path, str]] = {}
 
-# The base model and each checkpoint scored on MMLU by the training ranks (eval.mmlu.runner=engine), 0-shot, two
-# questions a subject (each of the two ranks runs lm-eval on its question), every request logged: compared with
-# lm-eval's CLI below, and the equivalence of the stages holds with it (scoring disturbs no training:
+# The stage runs are scored on MMLU by the training ranks (ENGINE_SCORING), each checkpoint's score compared with
+# lm-eval's CLI below; the equivalence of the stages holds with it (scoring disturbs no training:
 # tests/test_engine_scoring.py).
-ENGINE = ["eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.num_fewshot=0",
-          "eval.mmlu.limit=2", "eval.mmlu.log_samples=true"]
 ENGINE_SCORED = ("zero0", "zero1", "zero2", "zero3", "zero0_ws1_ga2", "zero3-constant", "zero3_offload-constant")
 
 
@@ -64,7 +61,7 @@ def _run(tmp_root: Path, key: str, args: list[str], nprocs: int) -> tuple[Path, 
     """Run once per session; return (output_dir, stdout)."""
     if key not in _RUNS:
         out = tmp_root / key
-        proc = run_train([f"output_dir={out}", *args, *(ENGINE if key in ENGINE_SCORED else [])], nprocs=nprocs)
+        proc = run_train([f"output_dir={out}", *args, *(ENGINE_SCORING if key in ENGINE_SCORED else [])], nprocs=nprocs)
         _RUNS[key] = (out, proc.stdout + proc.stderr)
     return _RUNS[key]
 
@@ -348,21 +345,12 @@ def engine_vs_cli(runs_root, tmp_path_factory) -> dict:
     """Each ENGINE_CASES run's last checkpoint scored by lm-eval's CLI (two at a time): key -> (result dir, CLI)."""
     from tests import lm_eval_cli
 
-    root = tmp_path_factory.mktemp("engine-cli")
-    pending, done = list(ENGINE_CASES.items()), {}
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        jobs = []
-        for key, (run, stage, dtype, _) in batch:
-            out, _ = run(runs_root, stage)
-            ckpt = out / "checkpoints" / f"step-{STEPS}"
-            base = Path(json.loads((ckpt / "mmlu.json").read_text())["model"]["base"])
-            (root / key).mkdir()
-            cmd = lm_eval_cli.command(base, ckpt / "adapter", root / key, 0, 2, dtype)
-            jobs.append((key, ckpt, lm_eval_cli.start(cmd, root / key)))
-        for key, ckpt, job in jobs:
-            done[key] = ckpt, lm_eval_cli.finish(job, root / key)
-    return done
+    ckpts = {key: run(runs_root, stage)[0] / "checkpoints" / f"step-{STEPS}"
+             for key, (run, stage, _, _) in ENGINE_CASES.items()}
+    jobs = {key: lm_eval_cli.Job(Path(json.loads((ckpt / "mmlu.json").read_text())["model"]["base"]),
+                                 ckpt / "adapter", 0, 2, ENGINE_CASES[key][2]) for key, ckpt in ckpts.items()}
+    scores = lm_eval_cli.score_all(jobs, tmp_path_factory.mktemp("engine-cli"))
+    return {key: (ckpts[key], scores[key]) for key in ckpts}
 
 
 @pytest.mark.parametrize("key", list(ENGINE_CASES))

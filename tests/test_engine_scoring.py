@@ -86,16 +86,12 @@ def test_a_scored_run_is_the_unscored_run(runs):
 @pytest.fixture(scope="module")
 def cli_scores(runs, tmp_path_factory):
     """lm-eval's CLI on the scored run's base model (no adapter) and on its step-10 checkpoint, side by side."""
-    root = tmp_path_factory.mktemp("engine-cli")
     out = runs["scored"][0]
-    summary = json.loads((out / "base" / "mmlu.json").read_text())
-    base = Path(summary["model"]["base"])
-    jobs = {}
-    for step, adapter in ((0, None), (STEPS, out / "checkpoints" / f"step-{STEPS}" / "adapter")):
-        (root / str(step)).mkdir()
-        cmd = lm_eval_cli.command(base, adapter, root / str(step), 5, 1)
-        jobs[step] = lm_eval_cli.start(cmd, root / str(step))
-    return {step: lm_eval_cli.finish(job, root / str(step)) for step, job in jobs.items()}
+    base = Path(json.loads((out / "base" / "mmlu.json").read_text())["model"]["base"])
+    jobs = {str(step): lm_eval_cli.Job(base, adapter, 5, 1)
+            for step, adapter in ((0, None), (STEPS, out / "checkpoints" / f"step-{STEPS}" / "adapter"))}
+    return {int(name): score for name, score in
+            lm_eval_cli.score_all(jobs, tmp_path_factory.mktemp("engine-cli")).items()}
 
 
 @pytest.mark.parametrize("step", [0, STEPS])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ALL_PARTITIONED, ds_config, held_out_loss, read_metrics, run_train
+from tests.conftest import ALL_PARTITIONED, ENGINE_SCORING, ds_config, held_out_loss, read_metrics, run_train
 
 pytestmark = pytest.mark.launcher
 
@@ -39,12 +39,7 @@ def _args(out: Path, val: Path, stage: str, family: tuple[str, ...]) -> list[str
     return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"optim.lr={LR}",
             f"seed={SEED}", "lora.dropout=0", *family, f"optim.dora_magnitude_ratio={MAGNITUDE}",
             f"data.val_path={val}", f"train.eval_every={STEPS}", "train.save_every=3",
-            "--deepspeed_config", ds_config(stage), *ENGINE]
-
-
-# Scored on MMLU by the training ranks at steps 0, 3 and 6 (0-shot, two questions a subject, every request logged).
-ENGINE = ("eval.mmlu.every_checkpoint=true", "eval.mmlu.runner=engine", "eval.mmlu.num_fewshot=0",
-          "eval.mmlu.limit=2", "eval.mmlu.log_samples=true")
+            "--deepspeed_config", ds_config(stage), *ENGINE_SCORING]  # MMLU at steps 0, 3 and 6, by the ranks
 
 
 @pytest.fixture(scope="module")
@@ -157,21 +152,12 @@ def cli_scores(dora_run, resumed_run, tiny_model_dir, tmp_path_factory) -> dict:
     time: name -> (the engine's result directory, the CLI's score)."""
     from tests import lm_eval_cli
 
-    root = tmp_path_factory.mktemp("family-cli")
-    cases = {"pissa-base": (dora_run[0] / "base", None),
-             "zero3": (dora_run[0] / "checkpoints" / f"step-{STEPS}", "adapter"),
-             "zero2-resumed": (resumed_run[0] / "checkpoints" / f"step-{STEPS}", "adapter")}
-    done, items = {}, list(cases.items())
-    while items:
-        batch, items = items[:2], items[2:]
-        jobs = []
-        for name, (result_dir, adapter) in batch:
-            (root / name).mkdir()
-            cmd = lm_eval_cli.command(tiny_model_dir, result_dir / adapter if adapter else None, root / name, 0, 2)
-            jobs.append((name, result_dir, lm_eval_cli.start(cmd, root / name)))
-        for name, result_dir, job in jobs:
-            done[name] = result_dir, lm_eval_cli.finish(job, root / name)
-    return done
+    cases = {"pissa-base": dora_run[0] / "base", "zero3": dora_run[0] / "checkpoints" / f"step-{STEPS}",
+             "zero2-resumed": resumed_run[0] / "checkpoints" / f"step-{STEPS}"}
+    jobs = {name: lm_eval_cli.Job(tiny_model_dir, None if name == "pissa-base" else result_dir / "adapter", 0, 2)
+            for name, result_dir in cases.items()}
+    scores = lm_eval_cli.score_all(jobs, tmp_path_factory.mktemp("family-cli"))
+    return {name: (cases[name], scores[name]) for name in cases}
 
 
 @pytest.mark.parametrize("name", ["pissa-base", "zero3", "zero2-resumed"])

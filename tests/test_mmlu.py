@@ -154,20 +154,13 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
     launch/export.py --merge and scored by eval/mmlu.py with no HF_*_OFFLINE in the environment and an unreachable
     hub (eval/mmlu.py must set offline mode itself), its batches sized to ``SMALL_BUDGET``. The two run side by
     side: each keeps about one core busy."""
-    from pipeline.eval.score import datasets_cache, group_yaml
+    from tests import lm_eval_cli
 
     root = tmp_path_factory.mktemp("scored")
     adapter = run_dir / "checkpoints" / "step-2" / "adapter"
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    (root / "tasks").mkdir()
-    # datasets' cache as the scorer keys it: under the directory's name alone, the CLI could read a stale copy
-    (root / "tasks" / "mmlu_local.yaml").write_text(group_yaml(builtin.SAMPLE, datasets_cache(builtin.SAMPLE)))
-    cli_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-               f"pretrained={base},peft={adapter},dtype=auto", "--device", "cpu", "--tasks", "mmlu_local",
-               "--include_path", str(root / "tasks"), "--num_fewshot", "5", "--limit", "2", "--batch_size", "16",
-               "--output_path", str(root / "cli")]
-    with open(root / "cli.out", "w") as out, open(root / "cli.err", "w") as err:  # files: a pipe could fill
-        cli = subprocess.Popen(cli_cmd, cwd=REPO, stdout=out, stderr=err, text=True, env=OFFLINE)
+    cli_cmd = lm_eval_cli.command(Path(base), adapter, root, 5, 2, dtype="auto")
+    cli = lm_eval_cli.start(cli_cmd, root)
     try:
         merged = root / "merged"
         subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint", str(adapter.parent),
@@ -183,7 +176,7 @@ def scored_elsewhere(run_dir, tmp_path_factory) -> Scored:
             cli.wait()
     done = subprocess.CompletedProcess(cli_cmd, cli.returncode, (root / "cli.out").read_text(),
                                        (root / "cli.err").read_text())
-    return Scored(done, root / "cli", merged, merged_eval, env)
+    return Scored(done, root / "results", merged, merged_eval, env)
 
 
 def test_same_acc_as_lm_eval_cli_and_merged_equals_adapter(run_dir, scored_elsewhere):

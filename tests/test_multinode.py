@@ -30,8 +30,8 @@ import pytest
 
 from pipeline import rundir
 from tests import cluster
-from tests.conftest import REPO, ds_config, read_metrics
-from tests.test_distributed import COMMON, ENGINE, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
+from tests.conftest import ENGINE_SCORING, REPO, ds_config, read_metrics
+from tests.test_distributed import COMMON, STEPS, runs_root, zero_run  # noqa: F401  (runs_root: fixture)
 
 pytestmark = pytest.mark.launcher
 
@@ -180,7 +180,7 @@ def lines(path: Path) -> list[str]:
 def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # noqa: F811
     out = tmp_path / "two-nodes"
     port = free_port()
-    args = [f"output_dir={out}", *COMMON, *ZERO3, *ENGINE]  # scored on MMLU by the two nodes' ranks
+    args = [f"output_dir={out}", *COMMON, *ZERO3, *ENGINE_SCORING]  # scored on MMLU by the two nodes' ranks
     jobs = []
     try:
         for node in (0, 1):  # from another directory than the repository: node.sh finds train.py itself
@@ -210,9 +210,8 @@ def test_two_nodes_train_like_one_node_with_two_ranks(runs_root, tmp_path):  # n
     ckpt = out / "checkpoints" / f"step-{STEPS}"
     summary = json.loads((ckpt / "mmlu.json").read_text())
     assert summary["runner"] == "engine" and summary["ranks"] == 2 and "MMLU, step-6: acc" in log0
-    cmd = lm_eval_cli.command(Path(summary["model"]["base"]), ckpt / "adapter", tmp_path / "cli", 0, 2)
-    (tmp_path / "cli").mkdir(exist_ok=True)
-    cli = lm_eval_cli.finish(lm_eval_cli.start(cmd, tmp_path / "cli"), tmp_path / "cli")
+    cli = lm_eval_cli.score_all({"two-nodes": lm_eval_cli.Job(Path(summary["model"]["base"]), ckpt / "adapter", 0,
+                                                              2)}, tmp_path / "cli")["two-nodes"]
     assert lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(ckpt), cli) < 1e-4
     assert summary["acc"] == pytest.approx(cli.acc, abs=1e-12)
 

@@ -158,14 +158,11 @@ def test_engine_scores_are_lm_evals_cli_scores(runs, smollm2, tmp_path):
 
     out, stdout = runs["zero3"]
     assert "MMLU, the base model (step 0): acc" in stdout and f"MMLU, step-{STEPS}: acc" in stdout
-    jobs = {}
-    for step, result_dir in ((0, out / "base"), (STEPS, out / "checkpoints" / f"step-{STEPS}")):
-        (tmp_path / str(step)).mkdir()
-        adapter = result_dir / "adapter" if step else None
-        jobs[step] = result_dir, lm_eval_cli.start(lm_eval_cli.command(smollm2, adapter, tmp_path / str(step), 0, 2),
-                                                   tmp_path / str(step))
-    for step, (result_dir, job) in jobs.items():
-        cli = lm_eval_cli.finish(job, tmp_path / str(step))
+    dirs = {"0": out / "base", str(STEPS): out / "checkpoints" / f"step-{STEPS}"}
+    scores = lm_eval_cli.score_all({step: lm_eval_cli.Job(smollm2, d / "adapter" if step != "0" else None, 0, 2)
+                                    for step, d in dirs.items()}, tmp_path)
+    for step, result_dir in dirs.items():
+        cli = scores[step]
         summary = json.loads((result_dir / "mmlu.json").read_text())
         diff = lm_eval_cli.largest_difference(lm_eval_cli.engine_requests(result_dir), cli)
         print(f"SmolLM2 step {step}: largest log-likelihood difference {diff:.2g} over {len(cli.requests)} questions")

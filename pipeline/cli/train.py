@@ -39,9 +39,9 @@ def main(argv=None) -> None:
     req = start.check_request(parse_args(argv))
     rt = start.check_runtime(req)
     if req.scoring and req.cfg.eval.mmlu.runner == "engine":  # lm-eval runs in this process: datasets offline
-        from pipeline.eval.score import go_offline_for
+        from pipeline.eval.score import go_offline
 
-        go_offline_for(req.cfg.eval.mmlu.data)
+        go_offline(req.cfg.eval.mmlu.data)
 
     # 2. Tokenizer and data, before any process group exists: a cache build (once, by whichever process takes
     #    its lock; the others wait) can take as long as it needs with no collective pending.

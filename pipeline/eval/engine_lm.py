@@ -78,7 +78,6 @@ class EngineLM(TemplateLM):
         # HFLM's rule (lm_eval/models/huggingface.py, max_length): the config's positions, else the tokenizer's.
         self._max_length = resolve_max_length(config, tokenizer, default=2048)
         self.forwards = 0  # forward calls this rank made in the current score (real and stand-ins): equal on all
-        self.requests = 0  # requests this rank scored in the current score
         self.step = 0  # the step being scored (for the fault injection of the tests)
 
     # Who runs lm-eval. lm-eval gives each of its ranks a slice of every task's documents and stops on a rank whose
@@ -89,7 +88,7 @@ class EngineLM(TemplateLM):
         """A score of ``step`` begins; lm-eval runs on ranks ``0 .. size - 1`` (their
         :func:`pipeline.distributed.subgroup`): True on those. Collective: every rank calls it with the same
         ``size`` before each score."""
-        self.step, self.forwards, self.requests = step, 0, 0
+        self.step, self.forwards = step, 0
         self._group = dist.subgroup(size)
         rank = dist.env_rank()
         self._rank, self._world_size = (rank, size) if rank < size else (0, 1)
@@ -188,7 +187,6 @@ class EngineLM(TemplateLM):
         for k in range(total):
             real = k < len(batches)
             self._forward(batches[k] if real else None, inputs if real else None, requests, out)
-        self.requests += len(requests)
         return out  # type: ignore[return-value]
 
     def _forward(self, rows, inputs, requests, out=None) -> None:

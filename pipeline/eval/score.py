@@ -264,15 +264,10 @@ def evaluate(lm, setting: Setting, batch_size, log_samples: bool = False) -> dic
                                        log_samples=log_samples)
 
 
-def go_offline(setting: Setting) -> None:
-    """Keep ``datasets`` and the hub client off the network when the data is local. They read these switches when
-    first imported: call before that in a process (the training entry point does, for the engine runner)."""
-    if setting.data is not None:
-        go_offline_for("local")
-
-
-def go_offline_for(data: str | None) -> None:
-    """:func:`go_offline` for ``eval.mmlu.data`` as given (a directory or ``sample``: local; ``None``: the hub)."""
+def go_offline(data) -> None:
+    """Keep ``datasets`` and the hub client off the network when the MMLU data is local (``data``: a directory,
+    ``sample``; ``None``: the hub). They read these switches when first imported: call before that in a process
+    (the training entry point does, for the engine runner)."""
     if data is not None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -297,7 +292,7 @@ def score(tgt: Target, setting: Setting, hw: Hardware = Hardware(),
     Call before anything imports ``datasets`` in this process when offline (the environment switches are read at
     import).
     """
-    go_offline(setting)
+    go_offline(setting.data)
     from lm_eval.models.huggingface import HFLM
 
     on_cpu = hw.device == "cpu" and not hw.parallelize

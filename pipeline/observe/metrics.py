@@ -66,11 +66,7 @@ class Reporter:
             return
         if row["loss"] is not None:
             self._losses.append(row["loss"])
-        if self._file is None and self._path is not None:
-            self._file = open(self._path, "a", encoding="utf-8")
-        if self._file:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+        self._write(row)
         if self.trackers is not None:
             from pipeline.observe.trackers import step_scalars
 
@@ -95,13 +91,17 @@ class Reporter:
         the trackers at that step."""
         if not self.active:
             return
+        self._write(row)
+        if self.trackers is not None:
+            self.trackers.log(row["step"], scalars)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to ``metrics.jsonl`` (opened at the first row), flushed."""
         if self._file is None and self._path is not None:
             self._file = open(self._path, "a", encoding="utf-8")
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
-        if self.trackers is not None:
-            self.trackers.log(row["step"], scalars)
 
     def validation(self, row: dict[str, Any]) -> None:
         """Record one evaluation of the validation set: a row of ``val.jsonl`` beside ``metrics.jsonl``, a line."""
